@@ -1,0 +1,237 @@
+"""Adapter speed and memory, measured side by side against PEFT LoRA on the same model and data.
+
+    python benchmarks/adapters.py [--model tiny|smollm2-135m|both] [--batch 8] [--seq 128] [--repeats 10]
+
+(a) training step (forward + backward + AdamW step) time of each adapter over PEFT LoRA's
+    (``peft.get_peft_model``), same rank, targets, batch and sequence length; goal MTL-LoRA ≤ 1.10;
+(b) inference forward at batch 8: MTL-LoRA unmerged on a mixed-task batch over the merged model (a plain
+    HF model, i.e. what merged LoRA serves at); MoELoRA and HydraLoRA reported the same way; goal ≤ 1.15;
+(c) memory: activation bytes saved for backward (exact, ``saved_tensors_hooks``) and the peak-RSS growth of
+    one training step, each adapter measured in its own fresh subprocess, over PEFT LoRA's.
+Prints a table, writes ``benchmarks/results/adapters.json`` and the section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    SavedTensorBytes,
+    current_rss_bytes,
+    interleaved_medians,
+    machine,
+    peak_rss_bytes,
+    reset_peak_rss,
+    save,
+    table,
+)  # noqa: E402
+
+ADAPTERS = ["peft_lora", "lora", "dora", "mtl_lora", "hydra_lora", "multilora", "moelora"]
+NUM_TASKS = 4
+
+
+def build(model_name: str, adapter: str, r: int):
+    import peft
+
+    import metalora as ml
+
+    model = load(model_name)
+    configs = {
+        "lora": ml.LoRAConfig(r=r, alpha=2 * r),
+        "dora": ml.LoRAConfig(r=r, alpha=2 * r, use_dora=True),
+        "mtl_lora": ml.MTLLoRAConfig(r=r, alpha=2 * r, num_tasks=NUM_TASKS, num_up=3),
+        "hydra_lora": ml.HydraLoRAConfig(r=r, alpha=2 * r, num_heads=3),
+        "multilora": ml.MultiLoRAConfig(r=r, alpha=2 * r, num_parallel=3),
+        "moelora": ml.MoELoRAConfig(r=r, alpha=2 * r, num_tasks=NUM_TASKS, num_experts=4),
+    }
+    if adapter == "peft_lora":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    model = ml.add_adapter(model, configs[adapter])
+    with torch.no_grad():  # non-zero B so no branch is skipped or trivially zero
+        for p in ml.adapters.adapter_parameters(model).values():
+            p.add_(torch.randn_like(p) * 1e-3)
+    return model
+
+
+def load(model_name: str):
+    if model_name == "tiny":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )
+        return AutoModelForCausalLM.from_config(cfg)
+    from metalora.models import load_base
+
+    return load_base(model_name)[0]
+
+
+def routing(model, batch: int):
+    import metalora as ml
+
+    if not ml.is_task_routed(model):
+        return contextlib.nullcontext()
+    return ml.task_ids(model, torch.arange(batch) % NUM_TASKS)  # a mixed-task batch
+
+
+def make_batch(model, batch: int, seq: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def train_step_fn(model, x):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    model.train()
+
+    def step() -> None:
+        with routing(model, x.shape[0]):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_fn(model, x):
+    model.eval()
+
+    def fwd() -> None:
+        with torch.no_grad(), routing(model, x.shape[0]):
+            model(input_ids=x)
+
+    return fwd
+
+
+def memory_probe(model_name: str, adapter: str, r: int, batch: int, seq: int) -> dict[str, int]:
+    """Run in a fresh subprocess: activation bytes and peak-RSS growth of one training step."""
+    model = build(model_name, adapter, r)
+    x = make_batch(model, batch, seq)
+    step = train_step_fn(model, x)
+    with torch.no_grad(), routing(model, 1):
+        model(input_ids=x[:1, :8])  # touch every code path once, cheaply
+    import gc
+
+    gc.collect()
+    reset_peak_rss()
+    before = current_rss_bytes()
+    with SavedTensorBytes() as saved, routing(model, batch):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    del loss
+    step()
+    return {"saved_activation_bytes": saved.bytes, "peak_rss_growth_bytes": peak_rss_bytes() - before}
+
+
+def run_model(model_name: str, batch: int, seq: int, r: int, repeats: int) -> dict[str, Any]:
+    import metalora as ml
+
+    print(f"\n== {model_name}: batch {batch}, seq {seq}, r {r}, targets q,k,v,o ==", flush=True)
+    models = {a: build(model_name, a, r) for a in ADAPTERS}
+    x = make_batch(models["lora"], batch, seq)
+    train = interleaved_medians({a: train_step_fn(m, x) for a, m in models.items()}, repeats)
+    merged_mtl = ml.merge(models["mtl_lora"], task=0)
+    fwd_models = {
+        "merged": merged_mtl,
+        "mtl_lora": models["mtl_lora"],
+        "moelora": models["moelora"],
+        "hydra_lora": models["hydra_lora"],
+        "peft_lora": models["peft_lora"],
+    }
+    fwd = interleaved_medians({a: forward_fn(m, x) for a, m in fwd_models.items()}, repeats)
+    memory = {}
+    for a in ADAPTERS:
+        code = (
+            "import json,sys; sys.path.insert(0,'benchmarks'); from adapters import memory_probe; "
+            f"print(json.dumps(memory_probe({model_name!r}, {a!r}, {r}, {batch}, {seq})))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
+        memory[a] = json.loads(out.stdout.strip().splitlines()[-1])
+    ref_mem = memory["peft_lora"]
+    rows = []
+    for a in ADAPTERS:
+        rows.append(
+            {
+                "adapter": a,
+                "train_step_s": train[a],
+                "train_ratio_vs_peft_lora": train[a] / train["peft_lora"],
+                "forward_ratio_vs_merged": fwd[a] / fwd["merged"] if a in fwd else None,
+                "activation_ratio_vs_peft_lora": memory[a]["saved_activation_bytes"]
+                / ref_mem["saved_activation_bytes"],
+                "peak_rss_growth_MiB": memory[a]["peak_rss_growth_bytes"] / 2**20,
+                "peak_rss_ratio_vs_peft_lora": memory[a]["peak_rss_growth_bytes"]
+                / max(ref_mem["peak_rss_growth_bytes"], 1),
+            }
+        )
+    return {
+        "model": model_name,
+        "batch": batch,
+        "seq": seq,
+        "r": r,
+        "repeats": repeats,
+        "train_step_seconds": train,
+        "forward_seconds": fwd,
+        "memory": memory,
+        "rows": rows,
+    }
+
+
+COLUMNS = [
+    "adapter",
+    "train_step_s",
+    "train_ratio_vs_peft_lora",
+    "forward_ratio_vs_merged",
+    "activation_ratio_vs_peft_lora",
+    "peak_rss_growth_MiB",
+    "peak_rss_ratio_vs_peft_lora",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="both", choices=["tiny", "smollm2-135m", "both"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    names = ["tiny", "smollm2-135m"] if args.model == "both" else [args.model]
+    results = {
+        "machine": machine(),
+        "goals": {"mtl_lora_train_ratio": 1.10, "mtl_lora_forward_ratio": 1.15},
+        "runs": [run_model(n, args.batch, args.seq, args.r, args.repeats) for n in names],
+    }
+    for run in results["runs"]:
+        print(f"\n{run['model']} (batch {run['batch']}, seq {run['seq']}, r {run['r']})")
+        print(table(run["rows"], COLUMNS))
+    print("saved", save("adapters", results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""``add_adapter`` and the questions every algorithm asks of an adapted model.
+
+The model is adapted in place and stays the user's Hugging Face class (no wrapper), so ``generate``,
+gradient checkpointing and ``save_pretrained`` behave as usual. Everything but the adapter is frozen.
+Adapter tensors are the parameters whose name has a ``lora_`` component, for PEFT's layers and ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from metalora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer
+from metalora.adapters.hydra_lora import HydraLoRAConfig, HydraLoRALayer
+from metalora.adapters.lora import LoRAConfig, bottleneck_modules, inject_peft_lora, is_peft_lora_layer
+from metalora.adapters.moelora import MoELoRAConfig, MoELoRALayer
+from metalora.adapters.mtl_lora import MTLLoRAConfig, MTLLoRALayer
+from metalora.adapters.multilora import MultiLoRAConfig, MultiLoRALayer
+from metalora.adapters.routing import TaskRouter, find_router
+from metalora.adapters.targets import resolve_targets
+
+ADAPTER_TYPES: dict[str, tuple[type[AdapterConfig], type[AdapterLayer] | None]] = {
+    "lora": (LoRAConfig, None),  # PEFT's layers
+    "mtl_lora": (MTLLoRAConfig, MTLLoRALayer),
+    "hydra_lora": (HydraLoRAConfig, HydraLoRALayer),
+    "multilora": (MultiLoRAConfig, MultiLoRALayer),
+    "moelora": (MoELoRAConfig, MoELoRALayer),
+}
+
+
+@dataclass
+class AdapterInfo:
+    """What ``add_adapter`` did: kept on the model as ``model._metalora_adapter``."""
+
+    config: AdapterConfig
+    targets: list[str] = field(default_factory=list)
+
+
+def config_from_dict(adapter_type: str, data: dict[str, Any]) -> AdapterConfig:
+    if adapter_type not in ADAPTER_TYPES:
+        raise AdapterConfigError(f"unknown adapter type {adapter_type!r}; known: {sorted(ADAPTER_TYPES)}")
+    return ADAPTER_TYPES[adapter_type][0].from_dict(data)
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap the config's target modules with the adapter, freeze everything else, return ``model``."""
+    if not isinstance(config, AdapterConfig) or config.adapter_type not in ADAPTER_TYPES:
+        raise AdapterConfigError(f"expected one of metalora's adapter configs, got {type(config).__name__}")
+    if adapter_info(model) is not None:
+        raise AdapterConfigError("this model already has a metalora adapter; load a fresh base model")
+    targets = resolve_targets(model, config.target_modules)
+    model.requires_grad_(False)
+    if isinstance(config, LoRAConfig):
+        inject_peft_lora(model, config, targets)
+    else:
+        layer_cls = ADAPTER_TYPES[config.adapter_type][1]
+        router = TaskRouter(config.num_tasks, config.task_names) if config.task_routed else None
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = layer_cls(getattr(parent, child), config)
+            layer.router = router
+            setattr(parent, child, layer)
+        if router is not None:
+            model._metalora_router = router
+    for name, param in model.named_parameters():
+        if _is_adapter_param(name):
+            param.requires_grad_(True)
+    model._metalora_adapter = AdapterInfo(config=config, targets=targets)
+    _keep_checkpointing_inputs_differentiable(model)
+    return model
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def _keep_checkpointing_inputs_differentiable(model: nn.Module) -> None:
+    # With reentrant checkpointing a frozen embedding output would cut the adapter's gradient.
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def adapter_info(model: nn.Module) -> AdapterInfo | None:
+    return getattr(model, "_metalora_adapter", None)
+
+
+def require_adapter(model: nn.Module) -> AdapterInfo:
+    info = adapter_info(model)
+    if info is None:
+        raise ValueError("this model has no metalora adapter: call metalora.add_adapter(model, config) first")
+    return info
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's trainable tensors by name: what an algorithm steps, snapshots and restores."""
+    require_adapter(model)
+    return {name: p for name, p in model.named_parameters() if _is_adapter_param(name)}
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The wrapped target modules by name (metalora ``AdapterLayer``s or PEFT LoRA layers)."""
+    require_adapter(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer) or is_peft_lora_layer(m)}
+
+
+def layer_bottlenecks(layer: nn.Module) -> list[nn.Module]:
+    """Modules whose forward input is the layer's rank-r activation z (hook them for reweighting)."""
+    return layer.bottleneck_modules() if isinstance(layer, AdapterLayer) else bottleneck_modules(layer)
+
+
+def is_task_routed(model: nn.Module) -> bool:
+    return find_router(model) is not None
+
+
+def task_names(model: nn.Module) -> list[str] | None:
+    router = find_router(model)
+    return None if router is None else router.task_names
+
+
+def resolve_task(model: nn.Module, task: int | str | None) -> int | None:
+    """A task id from an id or a task name (None stays None)."""
+    if task is None:
+        return None
+    router = find_router(model)
+    if router is None:
+        raise ValueError(f"task={task!r} was given but this adapter does not route by task")
+    return int(router.to_tensor([task])[0])

@@ -1,0 +1,126 @@
+"""Merge an adapter into the base weights, and export it as a plain PEFT LoRA adapter.
+
+Every mergeable adapter is, for a fixed task, a LoRA: ``Δ = scaling · B A`` (``lora_factors``).
+``merge`` adds Δ to each wrapped weight (computed in fp32, checked finite, cast to the weight's dtype)
+and puts the original module back, returning a plain Hugging Face model. PEFT's own LoRA/DoRA layers
+merge with PEFT's ``safe_merge``. ``export_peft`` writes the factors under PEFT's key names and an
+``adapter_config.json`` written by ``peft.LoraConfig`` itself, so ``PeftModel.from_pretrained`` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import torch
+from peft import get_peft_model_state_dict
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from metalora import atomic
+from metalora.adapters.api import adapter_layers, require_adapter, resolve_task
+from metalora.adapters.base import AdapterLayer, NotMergeableError
+from metalora.adapters.io import base_model_name
+from metalora.adapters.lora import LoRAConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _collect_factors(
+    model: nn.Module, task: int | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """lora_factors of every metalora layer, computed before anything is changed (so errors change nothing)."""
+    with torch.no_grad():
+        return {
+            n: layer.lora_factors(task)
+            for n, layer in adapter_layers(model).items()
+            if isinstance(layer, AdapterLayer)
+        }
+
+
+def merge(model: nn.Module, task: int | str | None = None, inplace: bool = False) -> nn.Module:
+    """A plain HF model with the adapter (for ``task``, where it has per-task parts) folded into the weights.
+
+    By default the adapted model is left untouched and a merged copy is returned; ``inplace=True``
+    merges into ``model`` itself (no extra memory).
+    """
+    require_adapter(model)
+    task_id = resolve_task(model, task)
+    _collect_factors(model, task_id)  # raises NotMergeableError before any copy is made
+    merged = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in adapter_layers(merged).items():
+            if isinstance(layer, AdapterLayer):
+                base = layer.base_layer
+                delta = layer.delta_weight(task_id)
+                if not torch.isfinite(delta).all():
+                    raise ValueError(
+                        f"merging {name}: the adapter update has NaN/inf; nothing was merged there"
+                    )
+                base.weight.add_(delta.to(base.weight.dtype))
+            else:
+                layer.merge(safe_merge=True)
+                base = layer.get_base_layer()
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, base)
+    for attr in ("_metalora_adapter", "_metalora_router", "peft_config"):
+        if attr in merged.__dict__:
+            delattr(merged, attr)
+    merged.requires_grad_(True)
+    return merged
+
+
+def export_peft(model: nn.Module, directory: str | Path, task: int | str | None = None) -> Path:
+    """Write a plain PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` then reproduces this adapter's outputs (for
+    ``task``, where the adapter has per-task parts).
+    """
+    info = require_adapter(model)
+    directory = Path(directory)
+    layers = adapter_layers(model)
+    conv = {
+        name: isinstance(
+            layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer, Conv1D
+        )
+        for name, layer in layers.items()
+    }
+    fan_in_fan_out = all(conv.values())
+    if any(conv.values()) and not fan_in_fan_out:
+        raise ValueError(
+            "targets mix nn.Linear and Conv1D modules; PEFT's fan_in_fan_out cannot express that"
+        )
+    if isinstance(info.config, LoRAConfig):
+        tensors = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(model).items()}
+        peft_config = info.config.peft_config(info.targets, fan_in_fan_out)
+    else:
+        factors = _collect_factors(model, resolve_task(model, task))
+        ranks = {a.shape[0] for a, _, _ in factors.values()}
+        scalings = {s for _, _, s in factors.values()}
+        if len(ranks) != 1 or len(scalings) != 1:
+            raise ValueError(
+                f"export needs one rank and scaling for all layers, got ranks {ranks}, scalings {scalings}"
+            )
+        (rank,), (scaling,) = ranks, scalings
+        tensors = {}
+        for name, (a, b, _) in factors.items():
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+        peft_config = peft.LoraConfig(
+            r=rank,
+            lora_alpha=scaling * rank,
+            target_modules=list(factors),
+            fan_in_fan_out=fan_in_fan_out,
+            lora_dropout=info.config.dropout,
+            bias="none",
+        )
+    peft_config.base_model_name_or_path = base_model_name(model)
+    peft_config.task_type = "CAUSAL_LM"
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic.write_safetensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    peft_config.save_pretrained(str(directory))
+    return directory
+
+
+__all__ = ["merge", "export_peft", "NotMergeableError"]

@@ -1,0 +1,101 @@
+"""MTL-LoRA (Yang et al. 2024, "MTL-LoRA: Low-Rank Adaptation for Multi-Task Learning"), Eq. 4.
+
+For a sample of task t:
+
+    h = W x + (α/r) Σ_{i=1..n} softmax(w_t / τ)_i · B^i Λ_t A x
+
+* A ∈ R^{r×in}: shared down-projection, kaiming-uniform init;
+* Λ_t ∈ R^{r×r}: task-specific transform, identity init (``lambda_form="diagonal"`` keeps only its
+  diagonal, ones init);
+* B^i ∈ R^{out×r}, i = 1..n: shared up-projections, zero init (so the model starts as the base);
+* w_t ∈ R^n: per-task mixing logits, kaiming-uniform init as in the official code; τ: temperature.
+
+Batched for mixed-task batches: Λ and the mixing weights are gathered per sample (r×r and n numbers),
+A is applied once to the whole batch, and the n up-projections are one matmul over the concatenated
+[B^1|…|B^n] (``mix_up_projections``). The official code loops over samples and copies A per sample.
+
+For a fixed task the update is exactly a rank-r LoRA: A_t = A, B_t = Σ_i s_ti B^i Λ_t, which is what
+``merge`` and ``export_peft`` write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from metalora.adapters.base import (
+    AdapterLayer,
+    TaskRoutedConfig,
+    _check,
+    as_sequence,
+    kaiming_uniform_,
+    mix_up_projections,
+)
+
+
+@dataclass
+class MTLLoRAConfig(TaskRoutedConfig):
+    """MTL-LoRA: task-specific Λ_t and n softmax-mixed up-projections."""
+
+    num_up: int = 3
+    """n, the number of shared up-projections B^i."""
+    temperature: float = 0.1
+    """τ of softmax(w_t / τ)."""
+    lambda_form: str = "full"
+    """``"full"`` r×r Λ_t, or ``"diagonal"``."""
+
+    adapter_type: ClassVar[str] = "mtl_lora"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "num_up", isinstance(self.num_up, int) and self.num_up > 0, "a positive integer")
+        _check(self, "temperature", float(self.temperature) > 0, "a positive number")
+        _check(self, "lambda_form", self.lambda_form in ("full", "diagonal"), "'full' or 'diagonal'")
+
+
+class MTLLoRALayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, config: MTLLoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        r, t, n = config.r, config.num_tasks, config.num_up
+        self.temperature = float(config.temperature)
+        self.diagonal = config.lambda_form == "diagonal"
+        self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, **self.factory)))
+        lam = (
+            torch.ones(t, r, **self.factory)
+            if self.diagonal
+            else torch.eye(r, **self.factory).repeat(t, 1, 1)
+        )
+        self.lora_lambda = nn.Parameter(lam)  # [T, r] or [T, r, r]
+        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, r, **self.factory))
+        self.lora_mix_logits = nn.Parameter(kaiming_uniform_(torch.empty(t, n, **self.factory)))
+
+    def mixing_weights(self) -> torch.Tensor:
+        """softmax(w_t / τ) for every task: [T, n]."""
+        return torch.softmax(self.lora_mix_logits / self.temperature, dim=-1)
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.task_ids_for(x)  # [B]
+        seq, lead = as_sequence(x)  # [B, L, in]
+        z = seq @ self.lora_A.T  # [B, L, r]
+        lam = self.lora_lambda[ids]  # [B, r] or [B, r, r]
+        z = z * lam.unsqueeze(1) if self.diagonal else torch.einsum("blr,bsr->bls", z, lam)  # Λ_t z
+        z = self.bottleneck(z)
+        s = self.mixing_weights()[ids].unsqueeze(1)  # [B, 1, n]
+        out = mix_up_projections(z, s, self.lora_B)  # [B, L, out]
+        return (self.scaling * out).reshape(*lead, self.out_features)
+
+    def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        from metalora.adapters.base import NotMergeableError
+
+        if task is None:
+            raise NotMergeableError(
+                "MTL-LoRA has task-specific parameters: pass task= (a task id or name) to merge or export"
+            )
+        s = self.mixing_weights()[task]  # [n]
+        b_mix = torch.einsum("i,ior->or", s, self.lora_B)  # Σ_i s_ti B^i
+        lam = self.lora_lambda[task]
+        b_t = b_mix * lam if self.diagonal else b_mix @ lam  # B_t = (Σ_i s_ti B^i) Λ_t
+        return self.lora_A, b_t, self.scaling

