@@ -128,3 +128,16 @@ def test_bf16_base_gets_fp32_adapter_and_runs():
     with ml.task_ids(model, [0, 1, 1]):
         out = model(batch()).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["mtl_lora", "hydra_lora", "multilora", "moelora"])
+def test_model_double_runs_the_adapter_in_float64(name):
+    model = ml.add_adapter(tiny_model("llama"), CONFIGS[name]())
+    randomize_adapter(model)
+    x = batch()
+    with torch.no_grad(), routing(model):
+        expected = model(x).logits.double()
+        model.double()
+        got = model(x).logits
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -118,10 +118,13 @@ class AdapterLayer(nn.Module):
         self.router: TaskRouter | None = None
         weight = base_layer.weight
         # Like PEFT's autocast_adapter_dtype: half-precision bases get fp32 adapters.
-        self.adapter_dtype = (
-            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        )
-        self.factory = {"device": weight.device, "dtype": self.adapter_dtype}
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.factory = {"device": weight.device, "dtype": dtype}
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The adapter tensors' dtype now (it follows ``model.to(dtype)`` / ``model.double()``)."""
+        return self.lora_A.dtype
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -1,0 +1,150 @@
+"""Data-selection baselines: BM25, DSIR, a binary quality classifier, and MIX.
+
+``select_jsonl`` is the one entry point (the ``metalora select`` command calls it): it reads candidate
+and target JSONL files, scores or mixes the candidates, and writes a JSONL usable as a task file.
+
+- With ``k``: the k selected candidate rows, best first, each with ``"selection_score"``
+  (BM25: top-k; DSIR: Gumbel top-k ∝ importance weight, seeded; classifier: top-k of P(target), or with
+  ``sampling="pareto"`` GPT-3's Pareto filter instead of k).
+- Without ``k``: every candidate row, in input order, with ``"selection_score"`` and ``"weight"`` — a
+  non-negative per-row training weight with mean 1 (BM25 and classifier: score / mean score; DSIR: the
+  importance weight exp(log w − max log w) / mean).
+- ``method="mix"``: the candidates (training data) and target (validation) rows mixed at ``ratio``
+  training rows per validation row (``mix.py``), each with ``"selection_source"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from metalora.select.bm25 import bm25_scores
+from metalora.select.classifier import classifier_scores, pareto_keep
+from metalora.select.dsir import dsir_log_importance, gumbel_top_k
+from metalora.select.io import PathLike, read_jsonl, read_texts, write_jsonl
+from metalora.select.mix import mix_counts, mix_rows
+
+__all__ = [
+    "METHODS",
+    "bm25_scores",
+    "classifier_scores",
+    "dsir_log_importance",
+    "gumbel_top_k",
+    "mix_counts",
+    "mix_rows",
+    "pareto_keep",
+    "read_jsonl",
+    "select_jsonl",
+    "write_jsonl",
+]
+
+# method -> the keyword options it accepts (beyond k, ratio, seed, text_fields)
+METHODS: dict[str, tuple[str, ...]] = {
+    "bm25": ("aggregate", "k1", "b", "stopwords"),
+    "dsir": ("num_buckets", "n", "smoothing", "temperature"),
+    "classifier": ("num_buckets", "n", "C", "max_iter", "sampling", "alpha"),
+    "mix": (),
+}
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def _mean_one(weights: np.ndarray) -> np.ndarray:
+    mean = weights.mean()
+    return np.ones_like(weights) if mean <= 0 else weights / mean
+
+
+def select_jsonl(
+    method: str,
+    candidates_path: PathLike,
+    target_path: PathLike,
+    out_path: PathLike,
+    k: int | None = None,
+    ratio: float | None = None,
+    seed: int = 0,
+    text_fields: Sequence[str] = ("prompt", "response"),
+    **options: Any,
+) -> dict[str, Any]:
+    """Select or weight the rows of ``candidates_path`` for the target set in ``target_path``; write
+    ``out_path``; return a summary (method, counts, score statistics, paths, seed).
+
+    ``text_fields``: the row fields joined (newline) into the text that is scored. ``options``: per
+    method, the names in ``METHODS`` (e.g. ``aggregate="max"`` for BM25, ``temperature=0`` for DSIR,
+    ``sampling="pareto", alpha=9`` for the classifier).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; choose one of {sorted(METHODS)}")
+    unknown = sorted(set(options) - set(METHODS[method]))
+    if unknown:
+        raise ValueError(
+            f"method {method!r} takes no option(s) {unknown}; it accepts {list(METHODS[method])}"
+        )
+    if ratio is not None and method != "mix":
+        raise ValueError(f"ratio applies to method 'mix' only, not {method!r}; use k to choose a size")
+    if options.get("sampling") not in (None, "top_k", "pareto"):
+        raise ValueError(f"classifier sampling must be 'top_k' or 'pareto', got {options['sampling']!r}")
+    if options.get("sampling") == "pareto" and k is not None:
+        raise ValueError("classifier sampling='pareto' keeps a random number of rows; do not pass k")
+    rows, texts = read_texts(candidates_path, text_fields)
+    target_rows, target_texts = read_texts(target_path, text_fields)
+    if k is not None and method != "mix" and not 1 <= k <= len(rows):
+        raise ValueError(f"k must be in [1, {len(rows)}] (the number of candidates), got {k}")
+    summary: dict[str, Any] = {
+        "method": method,
+        "candidates": str(candidates_path),
+        "target": str(target_path),
+        "out": str(out_path),
+        "n_candidates": len(rows),
+        "n_target": len(target_rows),
+        "k": k,
+        "ratio": ratio,
+        "seed": seed,
+        "text_fields": list(text_fields),
+        "options": dict(options),
+    }
+
+    if method == "mix":
+        mixed = mix_rows(rows, target_rows, ratio=ratio, k=k, seed=seed)
+        summary["n_from_candidates"] = sum(r["selection_source"] == "candidates" for r in mixed)
+        summary["n_from_target"] = sum(r["selection_source"] == "target" for r in mixed)
+        summary["n_written"] = write_jsonl(mixed, out_path)
+        return summary
+
+    sampling = options.pop("sampling", None)
+    alpha = options.pop("alpha", 9.0)
+    temperature = options.pop("temperature", 1.0)
+    if method == "bm25":
+        scores = bm25_scores(texts, target_texts, **options)
+        weights = _mean_one(scores)
+        chosen = _top_k(scores, k) if k is not None else None
+    elif method == "dsir":
+        scores = dsir_log_importance(texts, target_texts, **options)
+        weights = _mean_one(np.exp(scores - scores.max()))
+        chosen = gumbel_top_k(scores, k, seed=seed, temperature=temperature) if k is not None else None
+    else:
+        scores = classifier_scores(texts, target_texts, seed=seed, **options)
+        weights = _mean_one(scores)
+        if sampling == "pareto":
+            keep = pareto_keep(scores, alpha=alpha, seed=seed)
+            chosen = np.flatnonzero(keep)[np.argsort(-scores[keep], kind="stable")]
+        else:
+            chosen = _top_k(scores, k) if k is not None else None
+
+    if chosen is None:
+        out = [
+            {**row, "selection_score": float(s), "weight": float(w)}
+            for row, s, w in zip(rows, scores, weights, strict=True)
+        ]
+    else:
+        out = [{**rows[i], "selection_score": float(scores[i])} for i in chosen]
+    summary["n_written"] = write_jsonl(out, out_path)
+    summary["score_min"], summary["score_mean"], summary["score_max"] = (
+        float(scores.min()),
+        float(scores.mean()),
+        float(scores.max()),
+    )
+    return summary
