@@ -1,0 +1,58 @@
+"""The few collective operations the algorithms need, on the process group ``accelerate`` set up.
+
+Gradients are all-reduced explicitly (one flat buffer per call) instead of wrapping the model in DDP:
+MeTA-LoRA's averaged gradient comes from several backward passes at *different* parameter values
+(θ_i per task) and only the sum over tasks is synchronised, which DDP's per-backward hooks do not
+express; doing it once for both algorithms keeps one code path. In a single process every function
+here is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
+    """This rank's share of a list every rank holds in full: items[rank::world]."""
+    rank_, world = rank() if rank_ is None else rank_, world_size() if world is None else world
+    return list(items[rank_::world])
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """In place: each tensor becomes its sum over ranks (one flat all-reduce)."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def sum_scalar(value: float, device: torch.device) -> float:
+    """A Python number summed over ranks."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,410 @@
+"""The one training engine every metalora algorithm runs on.
+
+**Why accelerate directly and not transformers' ``Trainer``.** MeTA-LoRA's iteration is not "one
+batch, one backward, one step": per task it snapshots the adapter, takes k SGD steps on a support set,
+takes a gradient on a query set at the adapted point, restores, and only then takes one AdamW step on
+the averaged query gradients; ``Trainer``'s ``training_step``/``compute_loss`` hooks would have to be
+bent around a loop they do not model (and its DDP wrapper synchronises every backward, including the
+inner ones that must stay local). So the engine owns a plain loop and uses accelerate for what it is
+good at: launching (``accelerate launch`` / ``torchrun``), the process group and device
+(``PartialState``), and seeding. Mixed precision is ``torch.autocast`` (bf16 on CPU and GPU) rather
+than ``Accelerator(mixed_precision=…)``, because accelerate's state is process-global and refuses a
+second configuration in the same process (a benchmark or LoRA-ST runs several trainings in one).
+
+**Division of labour.** An algorithm supplies ``step_fn(step) -> StepOutput``: it runs its
+forward/backward passes with the engine's building blocks (``backward``, ``snapshot``/``restore``,
+``sgd_``, ``sync_grads_``) and leaves the gradient of the outer update in ``.grad`` of the adapter
+parameters, synchronised across ranks. The engine does the rest, once, for every algorithm: the
+NaN/inf guard, gradient clipping, the AdamW step and LR schedule, counters, ``metrics.jsonl`` and the
+progress bar, periodic atomic checkpoints and exact resume, the final adapter.
+
+Only ``adapter_parameters(model)`` are ever stepped, snapshotted, restored or checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from torch import nn
+
+from metalora import atomic
+from metalora.adapters import adapter_parameters, is_task_routed, save_adapter, task_ids
+from metalora.train import checkpoint
+from metalora.train import distributed as dist_utils
+from metalora.train.counters import Counters, peak_memory
+from metalora.train.logging import MetricsLogger, Progress
+from metalora.train.loss import token_loss_sum
+
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient became NaN/inf: the run stopped before stepping on it."""
+
+
+class EngineConfigError(ValueError):
+    """An engine setting outside what it allows."""
+
+
+@dataclass
+class EngineConfig:
+    """Settings shared by every algorithm (the ``train:`` section of a run config)."""
+
+    max_steps: int = 100
+    """Optimizer steps to take (MeTA-LoRA: outer iterations)."""
+    lr: float = 1e-4
+    """Peak learning rate of the AdamW step (MeTA-LoRA: the outer rate β)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: str = "constant"
+    """LR schedule after warmup: ``constant``, ``cosine`` (to ``min_lr_ratio``·lr) or ``linear``."""
+    warmup_steps: int = 0
+    """Linear warmup steps (lr·(s+1)/warmup for s < warmup)."""
+    min_lr_ratio: float = 0.0
+    """Final LR of the cosine/linear decay as a fraction of ``lr``."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this (None: no clipping; the norm is still logged)."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (autocast; adapter weights and optimizer state stay fp32)."""
+    device: str = "auto"
+    """``auto`` (the accelerate device: GPU if present), ``cpu`` or ``cuda``."""
+    seed: int = 0
+    """Seed of Python, NumPy and torch RNGs (data samplers take their own seed)."""
+    log_every: int = 1
+    """Write a ``metrics.jsonl`` record every this many steps (and at the last)."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (0: all)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars (needs the ``tensorboard`` package)."""
+    progress: bool = True
+    """Show a progress bar (main process only)."""
+    resume: bool = True
+    """Continue from ``checkpoints/latest`` of the run directory if there is one."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        checks = [
+            ("max_steps", isinstance(self.max_steps, int) and self.max_steps > 0, "a positive integer"),
+            ("lr", self.lr >= 0, "a non-negative number"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("device", self.device in DEVICES, f"one of {DEVICES}"),
+            ("warmup_steps", self.warmup_steps >= 0, "a non-negative integer"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "a fraction in [0, 1]"),
+            ("log_every", self.log_every > 0, "a positive integer"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "a non-negative integer"),
+            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "None or positive"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise EngineConfigError(f"train.{name}={getattr(self, name)!r}: expected {expected}")
+
+
+@dataclass
+class StepOutput:
+    """What an algorithm's step reports (all values global: the same on every rank)."""
+
+    loss: float
+    """The loss to log and guard (MeTA-LoRA: the mean query loss)."""
+    samples: int
+    """Samples processed by this step's forward/backward passes (see ``counters``)."""
+    tokens: int
+    """Non-padding input tokens of those passes."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra values for ``metrics.jsonl``."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def lr_multiplier(config: EngineConfig) -> Callable[[int], float]:
+    """LR factor for the step about to be taken (``LambdaLR``'s convention: called with 0, 1, …)."""
+    warmup, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if config.schedule == "cosine":
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * (1.0 - progress)
+
+    return factor
+
+
+class Engine:
+    """Holds the model, its adapter optimizer and the run's outputs; runs an algorithm's steps."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig, run_dir: str | Path) -> None:
+        self.config = config
+        self.state = PartialState(cpu=config.device == "cpu")
+        self.device = torch.device("cpu") if config.device == "cpu" else self.state.device
+        if config.device == "cuda" and self.device.type != "cuda":
+            raise EngineConfigError("train.device='cuda' but no CUDA device is available")
+        self.is_main = self.state.is_main_process
+        set_seed(config.seed)
+        self.model = model.to(self.device)
+        self.params: dict[str, nn.Parameter] = adapter_parameters(model)
+        self.routed = is_task_routed(model)
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()),
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
+        self.counters = Counters()
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.logger = MetricsLogger(
+            self.run_dir / "metrics.jsonl", enabled=self.is_main, tensorboard=config.tensorboard
+        )
+        self.step = 0
+
+    # --- building blocks for algorithms -------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return dist_utils.world_size()
+
+    @property
+    def rank(self) -> int:
+        return dist_utils.rank()
+
+    def routing(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """Route the batch's samples to their tasks (task-routed adapters only); wrap forward and backward."""
+        return task_ids(self.model, batch["task_ids"]) if self.routed else contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def loss_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(Σ token losses, label tokens) of one batch; call inside ``routing(batch)``."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        with self.autocast():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return token_loss_sum(logits, batch["labels"])
+
+    def backward(self, batches: Sequence[dict[str, Any]], normalizer: float | None = None) -> float:
+        """Accumulate ∇ [Σ_b Σ_tokens ℓ / normalizer] into ``.grad``; returns that loss value.
+
+        ``normalizer`` defaults to the label tokens of ``batches`` (a mean-token loss over all of them,
+        however they are split into micro-batches). Data parallelism passes the global count.
+        """
+        if normalizer is None:
+            normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        normalizer = max(normalizer, 1.0)
+        total = 0.0
+        for batch in batches:
+            with self.routing(batch):
+                loss_sum, _ = self.loss_sum(batch)
+                (loss_sum / normalizer).backward()
+            total += float(loss_sum.detach())
+        return total / normalizer
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The current ``.grad`` of every adapter tensor (zeros where a tensor got no gradient)."""
+        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
+
+    def set_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        for name, p in self.params.items():
+            p.grad = grads[name]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the adapter tensors θ (the model itself is never copied)."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        for n, p in self.params.items():
+            p.copy_(snapshot[n])
+
+    @torch.no_grad()
+    def sgd_(self, lr: float) -> None:
+        """One plain SGD step θ ← θ − lr·∇ on the adapter tensors (MeTA-LoRA's inner update)."""
+        for p in self.params.values():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
+
+    def sync_grads_(self, scale: float = 1.0) -> None:
+        """``.grad`` ← scale · Σ_ranks ``.grad`` for every adapter tensor (identity in one process)."""
+        grads = self.grads()
+        self.set_grads(grads)
+        tensors = list(grads.values())
+        dist_utils.all_reduce_sum_(tensors)
+        if scale != 1.0:
+            for g in tensors:
+                g.mul_(scale)
+
+    def sum_over_ranks(self, value: float) -> float:
+        return dist_utils.sum_scalar(value, self.device)
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        step_fn: Callable[[int], StepOutput],
+        stateful: Stateful | None = None,
+        desc: str = "train",
+        extra_state: dict[str, Any] | None = None,
+    ) -> Counters:
+        """Run ``step_fn`` for steps ``start..max_steps-1`` with an AdamW step after each; returns the counters.
+
+        ``stateful`` (the data sampler) is checkpointed and restored with everything else.
+        """
+        cfg = self.config
+        start = self._resume(stateful) if cfg.resume else 0
+        self.model.train()
+        progress = Progress(cfg.max_steps, start, self.is_main and cfg.progress, desc)
+        wall_before, t_start = self.counters.wall_time_s, time.perf_counter()
+        try:
+            for step in range(start, cfg.max_steps):
+                self.step = step
+                t_step = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                self.zero_grad()
+                out = step_fn(step)
+                grad_norm = self.outer_step(out, step)
+                self.counters.wall_time_s = wall_before + time.perf_counter() - t_start
+                seconds = time.perf_counter() - t_step
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    self.logger.log(
+                        {
+                            "step": done,
+                            "loss": out.loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "samples": self.counters.samples,
+                            "tokens": self.counters.tokens,
+                            "samples_per_s": out.samples / max(seconds, 1e-9),
+                            "step_time_s": seconds,
+                            **out.metrics,
+                        }
+                    )
+                progress.update(out.loss, out.samples / max(seconds, 1e-9))
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                    self.save_checkpoint(done, stateful, extra_state)
+        finally:
+            progress.close()
+        self.step = cfg.max_steps
+        self.save_checkpoint(cfg.max_steps, stateful, extra_state)
+        self._finish(status="completed")
+        if self.is_main:
+            save_adapter(self.model, self.run_dir / "adapter")
+        dist_utils.barrier()
+        self.logger.close()
+        return self.counters
+
+    def outer_step(self, out: StepOutput, step: int) -> float:
+        """After ``step_fn``: guard, clip, AdamW step, LR schedule, counters; returns the gradient norm."""
+        grad_norm = self._guarded_grad_norm(out, step)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.zero_grad()
+        self.counters.update(out.samples, out.tokens)
+        return grad_norm
+
+    def _guarded_grad_norm(self, out: StepOutput, step: int) -> float:
+        """Clip (if configured) and return the gradient norm; stop the run on a NaN/inf loss or gradient."""
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
+        if not (math.isfinite(out.loss) and math.isfinite(norm)):
+            last = checkpoint.latest(self.checkpoint_dir)
+            self.logger.log({"event": "non_finite", "step": step + 1, "loss": out.loss, "grad_norm": norm})
+            self._finish(status=f"stopped: non-finite loss/gradient at step {step + 1}")
+            self.zero_grad()
+            raise NonFiniteLossError(
+                f"non-finite {'loss' if not math.isfinite(out.loss) else 'gradient'} at step {step + 1} "
+                f"(loss={out.loss}, grad_norm={norm}); the run stopped without taking that step. "
+                f"Last good checkpoint: {last if last is not None else 'none (no checkpoint was written yet)'}. "
+                "Lower the learning rate, enable train.max_grad_norm, or check the data of this step."
+            )
+        return norm
+
+    def _finish(self, status: str) -> None:
+        self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
+        if self.is_main:
+            atomic.write_json(self.run_dir / "counters.json", {"status": status, **self.counters.to_dict()})
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, step: int, stateful: Stateful | None = None, extra_state: dict[str, Any] | None = None
+    ) -> Path:
+        previous = checkpoint.latest(self.checkpoint_dir) if self.is_main else None
+        if previous is not None and previous.name == checkpoint.step_dir_name(step):
+            return previous  # resumed at the end: nothing new to write
+        self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "counters": self.counters.to_dict(),
+            "sampler": stateful.state_dict() if stateful is not None else None,
+            "engine_config": asdict(self.config),
+            "extra": extra_state or {},
+        }
+        return checkpoint.save(
+            self.checkpoint_dir, step, self.params, state, keep=self.config.keep_checkpoints
+        )
+
+    def _resume(self, stateful: Stateful | None) -> int:
+        directory = checkpoint.latest(self.checkpoint_dir)
+        if directory is None:
+            return 0
+        adapter, state, rng = checkpoint.load(directory)
+        missing, unexpected = set(self.params) - set(adapter), set(adapter) - set(self.params)
+        if missing or unexpected:
+            raise checkpoint.CheckpointError(
+                f"{directory} does not fit this adapter: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        self.restore({n: t.to(self.device) for n, t in adapter.items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.counters = Counters.from_dict(state["counters"])
+        if stateful is not None:
+            if state.get("sampler") is None:
+                raise checkpoint.CheckpointError(
+                    f"{directory} has no sampler state to resume the data order from"
+                )
+            stateful.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(rng)
+        self.logger.truncate_after(int(state["step"]))
+        self.logger.log({"event": "resumed", "from_checkpoint": directory.name, "step": int(state["step"])})
+        return int(state["step"])
+
+
+def chunks(items: Sequence[Any], size: int | None) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items (all of them when size is None)."""
+    if not size or size >= len(items):
+        yield items
+        return
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,155 @@
+"""``metalora.train.run``: recipes resolve with overrides and a whole run writes its directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_train_utils import adapter_state, max_abs_diff
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import metalora as ml
+from metalora.train import run
+from metalora.train.runner import RunConfigError, resolve_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["meta_lora", "lora_mt", "lora_st"])
+def test_shipped_configs_resolve(name):
+    cfg = resolve_config(CONFIGS / f"{name}.yaml", ["train.lr=3e-4", "data.tasks=[arc_easy,boolq]"])
+    assert cfg["train"]["lr"] == 3e-4 and cfg["data"]["tasks"] == ["arc_easy", "boolq"]
+    assert cfg["name"] == name
+
+
+def test_meta_recipe_has_the_paper_defaults():
+    cfg = resolve_config(CONFIGS / "meta_lora.yaml")
+    paper = {
+        "n_tasks": 2,
+        "inner_steps": 3,
+        "support_size": 8,
+        "query_size": 8,
+        "inner_lr": 5e-6,
+        "sta": False,
+    }
+    assert {k: cfg["meta"][k] for k in paper} == paper
+    assert cfg["train"]["lr"] == 2e-6 and cfg["adapter"]["r"] == 16
+    assert cfg["adapter"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "lrr"),
+        ("meta.k=3", "'k'"),
+        ("algorithm=maml", "maml"),
+        ("nope=1", "nope"),
+        ("train.schedule=step", "schedule"),
+    ],
+)
+def test_bad_recipes_raise_naming_the_key(override, message):
+    with pytest.raises((RunConfigError, ValueError), match=message):
+        resolve_config(CONFIGS / "meta_lora.yaml", [override])
+
+
+def _tiny_base(path: Path) -> None:
+    words = [f"w{i}" for i in range(40)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def _tasks(path: Path, rows_per_task: int = 80) -> list[dict]:
+    specs = []
+    for t in range(3):
+        rows = [
+            {"id": f"{t}-{i}", "q": f"w{t} w{i % 20} w{(i * 7) % 20}", "a": f"w{20 + (i + t) % 20}"}
+            for i in range(rows_per_task)
+        ]
+        file = path / f"task{t}.jsonl"
+        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        specs.append(
+            {
+                "name": f"task{t}",
+                "path": str(file),
+                "prompt_field": "q",
+                "response_field": "a",
+                "id_field": "id",
+            }
+        )
+    return specs
+
+
+def _recipe(tmp_path: Path, algorithm: str) -> dict:
+    _tiny_base(tmp_path / "base")
+    return {
+        "name": "r",
+        "output_dir": str(tmp_path / "runs"),
+        "algorithm": algorithm,
+        "model": str(tmp_path / "base"),
+        "adapter": {"type": "mtl_lora", "r": 4} if algorithm == "meta" else {"type": "lora", "r": 4},
+        "data": {"tasks": _tasks(tmp_path), "examples_per_task": 20, "max_length": 16},
+        "meta": {"support_size": 4, "query_size": 4, "inner_lr": 1e-2},
+        "multitask": {"batch_size": 10},
+        "train": {"max_steps": 3, "lr": 1e-2, "progress": False},
+    }
+
+
+@pytest.mark.parametrize("algorithm", ["meta", "lora_mt", "lora_st"])
+def test_run_writes_the_run_directory_and_resumes(tmp_path, algorithm):
+    run_dir = run(_recipe(tmp_path, algorithm), overrides=["train.seed=1"])
+    assert run_dir == tmp_path / "runs" / "r"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["seed"] == 1 and resolved["algorithm"] == algorithm
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["task_to_id"] == {"task0": 0, "task1": 1, "task2": 2}
+    assert data["train_examples"] == {"task0": 20, "task1": 20, "task2": 20}
+    out = run_dir / "tasks" / "task1" if algorithm == "lora_st" else run_dir
+    counters = json.loads((out / "counters.json").read_text())
+    samples = {"meta": 3 * 2 * (3 * 4 + 4), "lora_mt": 3 * 10, "lora_st": 3 * 10}[algorithm]
+    assert (counters["optimizer_steps"], counters["samples"]) == (3, samples)
+    assert (out / "metrics.jsonl").is_file() and (out / "checkpoints" / "latest").is_file()
+    adapted = ml.load_adapter(ml.load_base(tmp_path / "base")[0], out / "adapter")
+    assert max_abs_diff(adapter_state(adapted), adapter_state(_fresh(tmp_path, algorithm))) > 0
+    # the same recipe into the same directory resumes the finished run: nothing changes
+    run(_recipe(tmp_path, algorithm), overrides=["train.seed=1"])
+    again = ml.load_adapter(ml.load_base(tmp_path / "base")[0], out / "adapter")
+    assert max_abs_diff(adapter_state(adapted), adapter_state(again)) == 0.0
+
+
+def _fresh(tmp_path: Path, algorithm: str):
+    cfg = ml.MTLLoRAConfig(r=4, num_tasks=3) if algorithm == "meta" else ml.LoRAConfig(r=4)
+    return ml.add_adapter(ml.load_base(tmp_path / "base")[0], cfg)
+
+
+def test_few_shot_protocol_sets_the_epochs(tmp_path):
+    recipe = _recipe(tmp_path, "lora_mt")
+    recipe["multitask"] = {"batch_size": 50, "protocol": "few_shot"}
+    run_dir = run(recipe, overrides=["data.examples_per_task=50"])
+    counters = json.loads((run_dir / "counters.json").read_text())
+    assert counters["optimizer_steps"] == 5 * 3 * 50 // 50  # 5 epochs over 3 tasks x 50 examples
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["multitask"]["epochs"] == 5
+    with pytest.raises(RunConfigError, match="examples_per_task"):
+        run(recipe, overrides=["data.examples_per_task=null", "name=bad"])
