@@ -120,17 +120,22 @@ def meta_step(engine: Engine, episodes: Sequence[Any], config: MetaConfig, pad_t
     n = len(episodes)
     summed: dict[str, torch.Tensor] | None = None
     query_total, support_total = 0.0, 0.0
-    for episode in dist_utils.shard(episodes):  # this rank's tasks
+    query_losses = [0.0] * n  # per episode; filled by the rank that runs it, summed over ranks below
+    for i in range(dist_utils.rank(), n, dist_utils.world_size()):  # this rank's tasks
+        episode = episodes[i]
         q_loss, s_loss, grads = task_query_grad(engine, episode.support, episode.query, config, pad_token_id)
         summed = grads if summed is None else {k: summed[k] + g for k, g in grads.items()}
         query_total += q_loss
         support_total += 0.0 if config.sta else s_loss
+        query_losses[i] = q_loss
     if summed is None:  # more ranks than tasks: this rank contributes zeros
         summed = {k: torch.zeros_like(p) for k, p in engine.params.items()}
     engine.set_grads(summed)
     engine.sync_grads_(scale=1.0 / n)  # (1/n) Σ_i g_i over all ranks
     k = config.effective_inner_steps
     metrics = {"query_loss": engine.sum_over_ranks(query_total) / n}
+    for episode, q_loss in zip(episodes, query_losses, strict=True):  # per-task curves for the report
+        metrics[f"loss/{episode.task}"] = engine.sum_over_ranks(q_loss)
     if k:
         metrics["support_loss"] = engine.sum_over_ranks(support_total) / n
     return StepOutput(
