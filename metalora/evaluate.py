@@ -1,9 +1,9 @@
 """``metalora eval``: evaluate a model (base, metalora adapter, run, or PEFT adapter) on tasks, per task.
 
 Multiple-choice tasks are scored by log-likelihood (``metalora.eval.multiple_choice``). The scored
-continuation of option j is the same text the model is trained to produce for it (``" B. <option>"`` with
-the data layer's default ``letter_text`` rendering), so before/after numbers measure the trained behaviour
-on identical prompts. Generation tasks (GSM8K) use greedy decoding and exact match on the extracted answer.
+continuation of option j is the same text the model is trained to produce for it, following the task's
+``mc_response`` (``" B. <option>"`` for the default ``letter_text``, ``" B"`` for ``letter``, ``" <option>"``
+for ``text``), so before/after numbers measure the trained behaviour on identical prompts. Generation tasks (GSM8K) use greedy decoding and exact match on the extracted answer.
 
 Task-routed adapters (MTL-LoRA, MoELoRA) get each sample's task id by name. A task the adapter was not
 trained on is routed by ``unseen_task``: ``"uniform"`` averages the option log-likelihoods over all trained
@@ -42,9 +42,15 @@ class MCView:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def mc_view(ex: Example) -> MCView:
-    options = [format_mc_response(ex.options, j, "letter_text").lstrip() for j in range(len(ex.options))]
+def mc_view(ex: Example, style: str = "letter_text") -> MCView:
+    """``ex`` with each option rendered as the task trains it (``style`` = the task's ``mc_response``)."""
+    options = [format_mc_response(ex.options, j, style).lstrip() for j in range(len(ex.options))]
     return MCView(ex.prompt, options, ex.answer, ex.task, ex.id, ex.response, ex.meta)
+
+
+def mc_style(task: Task) -> str:
+    """How the task renders multiple choice as SFT (``letter_text``, ``letter`` or ``text``)."""
+    return task.meta.get("spec", {}).get("mc_response", "letter_text")
 
 
 def default_shots(task: Task) -> int:
@@ -90,11 +96,18 @@ def evaluate_tasks(
                 forward_context=route,
                 progress=progress,
             )
-            results[task.name] = {"exact_match": res.per_task[task.name]["exact_match"], "n": len(items)}
+            results[task.name] = {
+                "primary": "exact_match",
+                "exact_match": res.per_task[task.name]["exact_match"],
+                "n": len(items),
+            }
             continue
-        views = [mc_view(e) for e in items]
-        pool = {task.name: [mc_view(e) for e in task.dev]}
-        results[task.name] = _evaluate_mc(
+        style = mc_style(task)
+        views = [mc_view(e, style) for e in items]
+        pool = {task.name: [mc_view(e, style) for e in task.dev]}
+        # cloze-style options differ in length: length-normalised accuracy is the meaningful one there
+        primary = {"primary": "acc_norm" if style == "text" else "acc"}
+        results[task.name] = primary | _evaluate_mc(
             model, tokenizer, task.name, views, pool, k, batch_size, unseen_task, seed, progress
         )
     return results
@@ -185,7 +198,7 @@ def format_table(
 ) -> str:
     lines = ["| task | n | metric | base | adapted | Δ |", "|---|---|---|---|---|---|"]
     for name, stats in after.items():
-        metric = "exact_match" if "exact_match" in stats else "acc"
+        metric = stats.get("primary", "exact_match" if "exact_match" in stats else "acc")
         b = before[name][metric] if before else float("nan")
         lines.append(
             f"| {name} | {stats['n']} | {metric} | {b:.3f} | {stats[metric]:.3f} | {stats[metric] - b:+.3f} |"

@@ -71,7 +71,9 @@ def plot_accuracy(
     if not after:
         return None
     names = list(after)
-    metric = {n: "exact_match" if "exact_match" in after[n] else "acc" for n in names}
+    metric = {
+        n: after[n].get("primary", "exact_match" if "exact_match" in after[n] else "acc") for n in names
+    }
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
     xs = range(len(names))
     width = 0.38
@@ -80,7 +82,7 @@ def plot_accuracy(
     ax.bar([x + width / 2 for x in xs], [after[n][metric[n]] for n in names], width, label="adapted")
     ax.set_xticks(list(xs), names, rotation=20)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (held-out)")
+    ax.set_ylabel("held-out " + "/".join(sorted(set(metric.values()))))
     ax.set_title("Per-task accuracy: base vs adapted")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
