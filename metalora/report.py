@@ -135,8 +135,17 @@ def write_report(run_dir: str | Path, title: str | None = None, notes: str = "")
     series = loss_series(read_metrics(run_dir))
     if plot_losses(series, plots / "loss.png"):
         lines += ["## Training loss", "", "![loss per task](plots/loss.png)", ""]
-    for hist in sorted(plots.glob("*weight*.png")):
-        lines += ["## Sample weights", "", f"![sample weights](plots/{hist.name})", ""]
+    for hist in sorted([*run_dir.glob("*weight*.png"), *plots.glob("*weight*.png")]):
+        rel = hist.relative_to(run_dir).as_posix()
+        lines += [
+            "## Sample weights",
+            "",
+            f"![sample weights]({rel})",
+            "",
+            "Per-sample weights with their sample ids: `sample_weights.jsonl` (mean weight per sample) "
+            "and `weights.jsonl` (every step).",
+            "",
+        ]
     counters = _counters(run_dir)
     if counters:
         lines += ["## Efficiency counters", "", "| counter | value |", "|---|---|"]

@@ -2,6 +2,7 @@
 
 * ``multitask``: LoRA-MT (``train_multitask``), LoRA-ST (``train_single_task``), the few-shot protocol;
 * ``meta``: MeTA-LoRA and its -STA ablation (``train_meta``);
+* ``reweight``: META-LoRA sample reweighting (``train_reweight``);
 * ``run(config, overrides)``: a whole run from a YAML/dict config into ``runs/NAME/`` (what the CLI calls).
 """
 
@@ -17,17 +18,23 @@ __all__ = [
     "MetaConfig",
     "MultitaskConfig",
     "NonFiniteLossError",
+    "ReweightConfig",
     "StepOutput",
     "meta_step",
     "multitask_step",
     "run",
     "train_meta",
     "train_multitask",
+    "train_reweight",
     "train_single_task",
 ]
 
 
 def __getattr__(name: str):
+    if name in ("ReweightConfig", "train_reweight"):
+        from metalora.train import reweight
+
+        return getattr(reweight, name)
     if name == "run":
         from metalora.train.runner import run
 

@@ -45,7 +45,7 @@ from metalora.train.multitask import (
     train_single_task,
 )
 
-ALGORITHMS = ("meta", "lora_mt", "lora_st")
+ALGORITHMS = ("meta", "lora_mt", "lora_st", "reweight")
 DEFAULTS: dict[str, Any] = {
     "name": None,
     "output_dir": "runs",
@@ -65,8 +65,12 @@ DEFAULTS: dict[str, Any] = {
         "template": "plain",
         "truncate": "left_prompt",
         "seed": 0,
+        "val_task": None,  # reweight: the trusted validation set (a task name, spec dict or file)
+        "val_split": "dev",
+        "val_examples": None,
     },
     "meta": {},
+    "reweight": {},
     "multitask": {"protocol": None},
     "train": {},
 }
@@ -105,14 +109,30 @@ def resolve_config(config: str | Path | Mapping[str, Any], overrides: Sequence[s
     resolved["train"] = {**asdict(engine), "betas": list(engine.betas)}
     resolved["meta"] = asdict(meta)
     resolved["multitask"] = {**asdict(mt), "protocol": protocol}
+    if resolved["algorithm"] == "reweight":
+        resolved["reweight"] = asdict(_reweight_section(resolved))
     return resolved
+
+
+def _reweight_section(config: dict[str, Any]):
+    from metalora.train.reweight import ReweightConfig
+
+    if not config["data"].get("val_task"):
+        raise RunConfigError("algorithm=reweight needs data.val_task: the trusted validation task or file")
+    return _build(ReweightConfig, "reweight", config["reweight"])
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> dict[str, Any]:
     for key, value in update.items():
         if key not in base:
             raise RunConfigError(f"unknown config key {where}{key!r}; known: {sorted(base)}")
-        open_section = isinstance(base[key], dict) and key in ("meta", "multitask", "train", "adapter")
+        open_section = isinstance(base[key], dict) and key in (
+            "meta",
+            "multitask",
+            "train",
+            "adapter",
+            "reweight",
+        )
         if isinstance(base[key], dict) and isinstance(value, Mapping) and not open_section:
             base[key] = _merge(base[key], value, f"{where}{key}.")
         elif isinstance(base[key], dict) and isinstance(value, Mapping):
@@ -211,6 +231,13 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -
     }
     _write_run_files(run_dir, cfg, (engine_cfg, meta_cfg, mt_cfg, protocol), data_info)
 
+    if cfg["algorithm"] == "reweight":
+        from metalora.train.reweight import train_reweight
+
+        val_features = _validation_features(cfg, tokenizer, task_to_id)
+        train_features = [f for fs in features.values() for f in fs]
+        train_reweight(model, train_features, val_features, _reweight_section(cfg), engine_cfg, run_dir, pad)
+        return run_dir
     if cfg["algorithm"] == "meta":
         train_meta(model, build_sampler(features, meta_cfg, task_to_id), meta_cfg, engine_cfg, run_dir, pad)
         return run_dir
@@ -224,6 +251,37 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -
 
         train_single_task(make_model, features, mt_cfg, engine_cfg, run_dir, pad)
     return run_dir
+
+
+def _validation_features(cfg: dict[str, Any], tokenizer: Any, task_to_id: dict[str, int]) -> list:
+    """The reweighting validation set: ``data.val_split`` of ``data.val_task``, tokenized like training."""
+    from metalora.adapters.api import ADAPTER_TYPES
+    from metalora.data import load_task, tokenize_examples
+
+    data = cfg["data"]
+    val_task = load_task(data["val_task"], seed=data["seed"])
+    examples = val_task.split(data["val_split"])[: data["val_examples"] or None]
+    if not examples:
+        raise RunConfigError(
+            f"data.val_task {val_task.name!r} has no examples in split {data['val_split']!r}"
+        )
+    ids = dict(task_to_id)
+    if val_task.name not in ids:
+        if ADAPTER_TYPES[cfg["adapter"].get("type", "lora")][0].task_routed:
+            raise RunConfigError(
+                f"data.val_task {val_task.name!r} is not one of data.tasks {sorted(task_to_id)}: a task-routed "
+                "adapter can only score validation samples of a task it routes"
+            )
+        ids[val_task.name] = 0  # an adapter that does not route by task ignores the id
+    features, _ = tokenize_examples(
+        examples,
+        tokenizer,
+        ids,
+        max_length=data["max_length"],
+        truncate=data["truncate"],
+        template=data["template"],
+    )
+    return features
 
 
 def _load_model(cfg: dict[str, Any], task_names: list[str]):
