@@ -17,10 +17,12 @@ class UsageError(ValueError):
 
 
 def _train(args: argparse.Namespace) -> None:
+    from metalora.report import write_report
     from metalora.train import run
 
     run_dir = run(args.config, overrides=args.overrides)
-    print(f"run directory: {run_dir}")
+    report = write_report(run_dir)
+    print(f"run directory: {run_dir}\nreport: {report}")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -131,7 +131,12 @@ def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task
     if trained is None or name in trained or unseen_task != "uniform":
         res = run(route_for(model, name, unseen_task))
         stats = res.per_task[name]
-        return {"acc": stats["acc"], "acc_norm": stats["acc_norm"], "n": len(views)}
+        return {
+            "acc": stats["acc"],
+            "acc_norm": stats["acc_norm"],
+            "n": len(views),
+            **binary_metrics(views, [p.loglikelihoods for p in res.predictions]),
+        }
     # uniform: average each option's log-likelihood over every trained task id
     per_id = [
         run(lambda names, t=t: ml.task_ids(model, [t] * len(names))).predictions for t in range(len(trained))
@@ -142,7 +147,33 @@ def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task
         chars = np.array(per_id[0][j].num_chars, dtype=float)
         correct += int(np.argmax(ll) == view.answer)
         correct_norm += int(np.argmax(ll / chars) == view.answer)
-    return {"acc": correct / len(views), "acc_norm": correct_norm / len(views), "n": len(views)}
+    lls = [np.mean([preds[j].loglikelihoods for preds in per_id], axis=0) for j in range(len(views))]
+    return {
+        "acc": correct / len(views),
+        "acc_norm": correct_norm / len(views),
+        "n": len(views),
+        **binary_metrics(views, lls),
+    }
+
+
+def binary_metrics(views: list[MCView], loglikelihoods: list) -> dict[str, float]:
+    """For two-option tasks (BoolQ, RTE, MRPC, SST-2, ...): F1 and MCC of the argmax prediction (option
+    index 1 = positive class), and AUC-ROC of the score LL(option 1) − LL(option 0). Empty otherwise, or
+    where a metric is undefined on these items (a single class)."""
+    from metalora.eval.metrics import auc_roc, f1, matthews_corrcoef
+
+    if not views or any(len(v.options) != 2 or v.answer is None for v in views):
+        return {}
+    gold = [v.answer for v in views]
+    margin = [float(ll[1] - ll[0]) for ll in loglikelihoods]
+    pred = [int(m > 0) for m in margin]
+    out: dict[str, float] = {}
+    for name, fn, arg in (("f1", f1, pred), ("mcc", matthews_corrcoef, pred), ("auc_roc", auc_roc, margin)):
+        try:
+            out[name] = float(fn(gold, arg))
+        except ValueError:  # e.g. only one class among the gold answers
+            continue
+    return out
 
 
 def route_for(model: nn.Module, name: str, unseen_task: str | int):
@@ -242,3 +273,7 @@ def evaluate_cli(args: argparse.Namespace) -> None:
         },
     )
     print(f"results written to {out}")
+    if kind == "metalora" and out.parent == Path(args.target) and (out.parent / "metrics.jsonl").is_file():
+        from metalora.report import write_report
+
+        print(f"report: {write_report(out.parent)}")

@@ -108,3 +108,21 @@ def test_cli_errors_name_the_problem(args, message, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_binary_metrics_match_sklearn():
+    from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+    from metalora.evaluate import MCView, binary_metrics
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 40).tolist()
+    lls = [rng.normal(size=2) + (0.8 if g else -0.8) * np.array([-1, 1]) for g in gold]
+    views = [MCView("p", ["no", "yes"], g, "t", str(i)) for i, g in enumerate(gold)]
+    got = binary_metrics(views, lls)
+    margin = [ll[1] - ll[0] for ll in lls]
+    pred = [int(m > 0) for m in margin]
+    assert got["f1"] == pytest.approx(f1_score(gold, pred))
+    assert got["mcc"] == pytest.approx(matthews_corrcoef(gold, pred))
+    assert got["auc_roc"] == pytest.approx(roc_auc_score(gold, margin))
+    assert binary_metrics(views[:1] + [MCView("p", ["a", "b", "c"], 0, "t", "x")], lls[:2]) == {}
