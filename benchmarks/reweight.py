@@ -137,21 +137,8 @@ def reweight_step_fn(model, train_feats, val_feats, pad: int, **config):
 
 
 def cpu_time_medians(fns: dict[str, Any], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median *process CPU* seconds per call, round-robin. On a shared machine wall time measures the
-    neighbours; with one intra-op thread, CPU time measures the work (``common.interleaved_medians`` uses
-    wall time)."""
-    import statistics
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median *process CPU* seconds per call, round-robin (``common.interleaved_medians`` on CPU time)."""
+    return interleaved_medians(fns, repeats, warmup=warmup, clock=time.process_time)
 
 
 # --- (a) memory -----------------------------------------------------------------------------------------
