@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from common import (
     machine,
     peak_rss_bytes,
     reset_peak_rss,
+    run_in_fresh_process,
     save,
     table,
 )  # noqa: E402
@@ -158,19 +156,7 @@ def run_model(model_name: str, batch: int, seq: int, r: int, repeats: int) -> di
     fwd = interleaved_medians({a: forward_fn(m, x) for a, m in fwd_models.items()}, repeats)
     memory = {}
     for a in ADAPTERS:
-        code = (
-            "import json,sys; sys.path.insert(0,'benchmarks'); from adapters import memory_probe; "
-            f"print(json.dumps(memory_probe({model_name!r}, {a!r}, {r}, {batch}, {seq})))"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-        )
-        memory[a] = json.loads(out.stdout.strip().splitlines()[-1])
+        memory[a] = run_in_fresh_process("adapters", "memory_probe", model_name, a, r, batch, seq)
     ref_mem = memory["peft_lora"]
     rows = []
     for a in ADAPTERS:

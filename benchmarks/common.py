@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,3 +117,22 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def run_in_fresh_process(module: str, function: str, *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``benchmarks/<module>.py``'s ``function(*args)`` in a new Python process; its JSON-able result.
+
+    Peak memory is per process, so each variant is measured in a process of its own."""
+    code = (
+        f"import json, sys; sys.path.insert(0, 'benchmarks'); from {module} import {function}; "
+        f"print(json.dumps({function}(*{args!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from common import (  # noqa: E402
     machine,
     peak_rss_bytes,
     reset_peak_rss,
+    run_in_fresh_process,
     save,
     table,
 )
@@ -173,25 +173,12 @@ MALLOC_SETTINGS = {
 
 
 def part_a() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
     out: dict[str, dict[str, Any]] = {}
     rows = []
     for setting, env in MALLOC_SETTINGS.items():
         out[setting] = {}
         for kind in ("plain", "fused", "two_backward"):
-            code = (
-                "import json,sys; sys.path.insert(0,'benchmarks'); from reweight import memory_probe; "
-                f"print(json.dumps(memory_probe({kind!r})))"
-            )
-            done = subprocess.run(
-                [sys.executable, "-c", code],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=root,
-                env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **env},
-            )
-            out[setting][kind] = json.loads(done.stdout.strip().splitlines()[-1])
+            out[setting][kind] = run_in_fresh_process("reweight", "memory_probe", kind, env=env)
         base = out[setting]["plain"]
         rows += [
             {

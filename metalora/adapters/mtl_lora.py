@@ -10,9 +10,10 @@ For a sample of task t:
 * B^i ∈ R^{out×r}, i = 1..n: shared up-projections, zero init (so the model starts as the base);
 * w_t ∈ R^n: per-task mixing logits, kaiming-uniform init as in the official code; τ: temperature.
 
-Batched for mixed-task batches: Λ and the mixing weights are gathered per sample (r×r and n numbers),
-A is applied once to the whole batch, and the n up-projections are one matmul over the concatenated
-[B^1|…|B^n] (``mix_up_projections``). The official code loops over samples and copies A per sample.
+Batched for mixed-task batches: A is applied once to the whole batch; Λ_t (r×r) and the task's mixed
+up-projection U_t = Σ_i s_ti B^i (out×r, formed once per task per forward, not per sample) are gathered
+per sample and applied with batched matmuls. The official code loops over samples and copies A per
+sample.
 
 For a fixed task the update is exactly a rank-r LoRA: A_t = A, B_t = Σ_i s_ti B^i Λ_t, which is what
 ``merge`` and ``export_peft`` write.
@@ -32,7 +33,6 @@ from metalora.adapters.base import (
     _check,
     as_sequence,
     kaiming_uniform_,
-    mix_up_projections,
 )
 
 
@@ -83,9 +83,17 @@ class MTLLoRALayer(AdapterLayer):
         lam = self.lora_lambda[ids]  # [B, r] or [B, r, r]
         z = z * lam.unsqueeze(1) if self.diagonal else torch.einsum("blr,bsr->bls", z, lam)  # Λ_t z
         z = self.bottleneck(z)
-        s = self.mixing_weights()[ids].unsqueeze(1)  # [B, 1, n]
-        out = mix_up_projections(z, s, self.lora_B)  # [B, L, out]
+        up = self.task_up_projections()[ids]  # [B, out, r]: U_t = Σ_i s_ti B^i, gathered per sample
+        out = torch.bmm(z, up.transpose(1, 2))  # [B, L, out]
         return (self.scaling * out).reshape(*lead, self.out_features)
+
+    def task_up_projections(self) -> torch.Tensor:
+        """U_t = Σ_i softmax(w_t/τ)_i B^i for every task: [T, out, r].
+
+        Mixing the n up-projections per task first (T·n·out·r multiply-adds, independent of the batch)
+        leaves one rank-r up-projection per sample, the cost of plain LoRA's, instead of an n·r-wide one.
+        """
+        return torch.einsum("tn,nor->tor", self.mixing_weights(), self.lora_B)
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
         from metalora.adapters.base import NotMergeableError
@@ -94,8 +102,7 @@ class MTLLoRALayer(AdapterLayer):
             raise NotMergeableError(
                 "MTL-LoRA has task-specific parameters: pass task= (a task id or name) to merge or export"
             )
-        s = self.mixing_weights()[task]  # [n]
-        b_mix = torch.einsum("i,ior->or", s, self.lora_B)  # Σ_i s_ti B^i
+        b_mix = self.task_up_projections()[task]  # Σ_i s_ti B^i
         lam = self.lora_lambda[task]
         b_t = b_mix * lam if self.diagonal else b_mix @ lam  # B_t = (Σ_i s_ti B^i) Λ_t
         return self.lora_A, b_t, self.scaling
