@@ -24,10 +24,17 @@ def _task(name: str, rows: list[tuple[str, list[str], int]]) -> Task:
 
 
 TASKS = [
-    _task("colors", [("Question: what color is the sky?\nAnswer:", ["blue", "green", "red"], 0),
-                     ("Question: the cat sat on the\nAnswer:", ["mat", "dog", "ball"], 0)]),
-    _task("geo", [("Capital of France?", ["Paris", "Rome", "Lima"], 0),
-                  ("Capital of Italy?", ["Rome", "Paris"], 1)]),
+    _task(
+        "colors",
+        [
+            ("Question: what color is the sky?\nAnswer:", ["blue", "green", "red"], 0),
+            ("Question: the cat sat on the\nAnswer:", ["mat", "dog", "ball"], 0),
+        ],
+    ),
+    _task(
+        "geo",
+        [("Capital of France?", ["Paris", "Rome", "Lima"], 0), ("Capital of Italy?", ["Rome", "Paris"], 1)],
+    ),
 ]
 
 
@@ -57,9 +64,14 @@ def test_each_task_is_evaluated_with_its_own_task_id(routed, tok):  # noqa: F811
 
 
 def test_unseen_task_uniform_averages_log_likelihoods_over_task_ids(routed, tok):  # noqa: F811
-    unseen = _task("unseen", [("Capital of France?", ["Paris", "Rome", "Lima"], 0),
-                              ("Question: what color is grass?\nAnswer:", ["blue", "green"], 1),
-                              ("2 + 3 =", ["5", "six", "7"], 0)])
+    unseen = _task(
+        "unseen",
+        [
+            ("Capital of France?", ["Paris", "Rome", "Lima"], 0),
+            ("Question: what color is grass?\nAnswer:", ["blue", "green"], 1),
+            ("2 + 3 =", ["5", "six", "7"], 0),
+        ],
+    )
     got = evaluate_tasks(routed, tok, [unseen], shots=0, unseen_task="uniform", progress=False)
     correct = 0
     for ex in unseen.test:
@@ -69,18 +81,34 @@ def test_unseen_task_uniform_averages_log_likelihoods_over_task_ids(routed, tok)
     # a chosen id routes everything to that task
     chosen = evaluate_tasks(routed, tok, [unseen], shots=0, unseen_task="geo", progress=False)
     preds = [int(np.argmax(_reference_lls(routed, tok, ex, "geo"))) for ex in unseen.test]
-    assert chosen["unseen"]["acc"] == pytest.approx(np.mean([p == ex.answer for p, ex in zip(preds, unseen.test, strict=True)]))
+    assert chosen["unseen"]["acc"] == pytest.approx(
+        np.mean([p == ex.answer for p, ex in zip(preds, unseen.test, strict=True)])
+    )
 
 
 def test_report_has_tables_and_plots(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": s, "loss": 2.0 - 0.1 * s, "loss/boolq": 2.1 - 0.1 * s, "loss/piqa": 1.9 - 0.1 * s} for s in range(1, 6)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "resumed", "step": 3}\n')
-    (run / "counters.json").write_text(json.dumps({"status": "completed", "optimizer_steps": 5, "samples": 320,
-                                                   "peak_memory_bytes": 3 * 2**30}))
-    (run / "eval.json").write_text(json.dumps({"after": {"boolq": {"acc": 0.75, "acc_norm": 0.7, "n": 4}},
-                                               "base": {"boolq": {"acc": 0.5, "acc_norm": 0.5, "n": 4}}}))
+    lines = [
+        {"step": s, "loss": 2.0 - 0.1 * s, "loss/boolq": 2.1 - 0.1 * s, "loss/piqa": 1.9 - 0.1 * s}
+        for s in range(1, 6)
+    ]
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in lines) + '{"event": "resumed", "step": 3}\n'
+    )
+    (run / "counters.json").write_text(
+        json.dumps(
+            {"status": "completed", "optimizer_steps": 5, "samples": 320, "peak_memory_bytes": 3 * 2**30}
+        )
+    )
+    (run / "eval.json").write_text(
+        json.dumps(
+            {
+                "after": {"boolq": {"acc": 0.75, "acc_norm": 0.7, "n": 4}},
+                "base": {"boolq": {"acc": 0.5, "acc_norm": 0.5, "n": 4}},
+            }
+        )
+    )
     report = write_report(run).read_text()
     assert "| boolq | 4 | acc | 0.500 | 0.750 | +0.250 |" in report
     assert "| optimizer_steps | 5 |" in report and "| samples | 320 |" in report and "3.0 GiB" in report
@@ -96,9 +124,15 @@ def test_report_has_tables_and_plots(tmp_path):
         (["train", "{cfg}", "bogus=1"], "override 'bogus=1': unknown key 'bogus'; known: ['adapter'"),
         (["train", "{cfg}", "train.lr=-1"], "train.lr=-1"),
         (["train", "{cfg}", "algorithm=maml"], "algorithm='maml': expected one of"),
-        (["train", "{cfg}", "adapter.type=qlora"], "adapter.type='qlora': expected one of ['hydra_lora', 'lora'"),
+        (
+            ["train", "{cfg}", "adapter.type=qlora"],
+            "adapter.type='qlora': expected one of ['hydra_lora', 'lora'",
+        ),
         (["export", "nowhere", "--peft", "x"], "neither a metalora adapter directory nor a run directory"),
-        (["select", "bm25", "--candidates", "no.jsonl", "--target", "no.jsonl", "--out", "o.jsonl"], "file not found: no.jsonl"),
+        (
+            ["select", "bm25", "--candidates", "no.jsonl", "--target", "no.jsonl", "--out", "o.jsonl"],
+            "file not found: no.jsonl",
+        ),
     ],
 )
 def test_cli_errors_name_the_problem(args, message, tmp_path, capsys):
