@@ -221,17 +221,17 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
     Returns:
         ``(loss [B], valid [B] bool)``: a sample with no unmasked label has loss exactly 0 (no NaN, no
-        gradient) and ``valid=False``. Computed in float32.
+        gradient) and ``valid=False``. Computed in at least float32 (float64 logits stay float64).
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy a [B, L, V] tensor.
+    targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # target of position t
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
+        logits.reshape(-1, logits.size(-1)).to(dtype),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
-    ).view(shift_labels.shape)  # [B, L-1], 0 where masked
-    counts = mask.sum(dim=1)
+    ).view(targets.shape)  # [B, L], 0 where masked
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
     loss = token_loss.sum(dim=1) / counts.clamp(min=1)
     return loss, counts > 0

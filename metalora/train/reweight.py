@@ -58,17 +58,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from metalora.adapters import adapter_parameters, is_task_routed, task_ids
+from metalora.data.tokenize import per_sample_loss
 from metalora.train import distributed as dist_utils
 from metalora.train import similarity as sim
 from metalora.train.batching import Feature, count_tokens, micro_batches
 from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, StepOutput
 from metalora.train.logging import MetricsLogger
-from metalora.train.loss import IGNORE_INDEX
 from metalora.train.multitask import EpochBatches
 
 SCHEMES = ("auto", "fused", "two_backward")
@@ -156,21 +155,6 @@ class ReweightConfig:
 ForwardContext = Callable[[dict[str, Any]], contextlib.AbstractContextManager]
 
 
-def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ [B], valid [B]): each sample's mean next-token loss over its label tokens, in ≥ fp32 (fp64 stays
-    fp64); a sample with no label token has ℓ = 0 (no NaN, no gradient) and valid = False."""
-    targets = labels[:, 1:].to(logits.device)
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    token = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).to(dtype),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)  # [B, L-1], 0 where masked
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return token.sum(dim=1) / counts.clamp(min=1), counts > 0
-
-
 def default_context(model: nn.Module) -> ForwardContext:
     """Task routing from the batch's ``task_ids`` for task-routed adapters; nothing otherwise."""
     routed = is_task_routed(model)
@@ -183,7 +167,7 @@ def forward_losses(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     logits = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     ).logits
-    return per_sample_losses(logits, batch["labels"])
+    return per_sample_loss(logits, batch["labels"])
 
 
 def _grads(
