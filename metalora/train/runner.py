@@ -192,7 +192,7 @@ def _sections(config: dict[str, Any]) -> tuple[EngineConfig, MetaConfig, Multita
 
 def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Path:
     """Train as the recipe says; returns the run directory ``output_dir/name``."""
-    from metalora.data import build_pools, load_tasks, task_id_map, tokenize_examples
+    from metalora.data import build_pools, load_tasks, task_id_map
 
     cfg = resolve_config(config, overrides)
     engine_cfg, meta_cfg, mt_cfg, protocol = _sections(cfg)
@@ -206,14 +206,7 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -
     model, tokenizer = _load_model(cfg, list(task_to_id))
     features, stats = {}, {}
     for name, exs in examples.items():
-        features[name], st = tokenize_examples(
-            exs,
-            tokenizer,
-            task_to_id,
-            max_length=data["max_length"],
-            truncate=data["truncate"],
-            template=data["template"],
-        )
+        features[name], st = _tokenize(exs, tokenizer, task_to_id, data)
         stats[name] = {k_: v for k_, v in st.as_dict().items() if not k_.endswith("_ids")}
     pad = tokenizer.pad_token_id
 
@@ -256,7 +249,7 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -
 def _validation_features(cfg: dict[str, Any], tokenizer: Any, task_to_id: dict[str, int]) -> list:
     """The reweighting validation set: ``data.val_split`` of ``data.val_task``, tokenized like training."""
     from metalora.adapters.api import ADAPTER_TYPES
-    from metalora.data import load_task, tokenize_examples
+    from metalora.data import load_task
 
     data = cfg["data"]
     val_task = load_task(data["val_task"], seed=data["seed"])
@@ -273,15 +266,21 @@ def _validation_features(cfg: dict[str, Any], tokenizer: Any, task_to_id: dict[s
                 "adapter can only score validation samples of a task it routes"
             )
         ids[val_task.name] = 0  # an adapter that does not route by task ignores the id
-    features, _ = tokenize_examples(
+    return _tokenize(examples, tokenizer, ids, data)[0]
+
+
+def _tokenize(examples: list, tokenizer: Any, task_to_id: dict[str, int], data: dict[str, Any]):
+    """Tokenize with the recipe's ``data`` settings (training pools and the validation set alike)."""
+    from metalora.data import tokenize_examples
+
+    return tokenize_examples(
         examples,
         tokenizer,
-        ids,
+        task_to_id,
         max_length=data["max_length"],
         truncate=data["truncate"],
         template=data["template"],
     )
-    return features
 
 
 def _load_model(cfg: dict[str, Any], task_names: list[str]):
