@@ -29,6 +29,7 @@ from torch import nn
 
 from metalora.adapters.base import (
     AdapterLayer,
+    NotMergeableError,
     TaskRoutedConfig,
     _check,
     as_sequence,
@@ -96,8 +97,6 @@ class MTLLoRALayer(AdapterLayer):
         return torch.einsum("tn,nor->tor", self.mixing_weights(), self.lora_B)
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        from metalora.adapters.base import NotMergeableError
-
         if task is None:
             raise NotMergeableError(
                 "MTL-LoRA has task-specific parameters: pass task= (a task id or name) to merge or export"
