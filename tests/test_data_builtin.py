@@ -133,28 +133,38 @@ def test_list_builtins():
         load_task("mmlu:anatomyy")
 
 
-def test_bbh_from_bigbench_on_sys_path(monkeypatch):
+def test_bbh_from_bigbench_on_sys_path(monkeypatch, tmp_path):
+    from metalora.data import bbh
+
     monkeypatch.setattr(sys, "path", [str(FIX), *sys.path])
-    mc = load_task("bbh:toy_logic")
+    monkeypatch.setattr(bbh, "cache_root", lambda: tmp_path / "none")  # only the fixture copy
+    mc = load_task("bbh:toy_logic")  # not a BBH task: no lm-eval exemplars, BBH's letter format, 0-shot
     assert mc.meta["eval_only"] is True and mc.meta["kind"] == "mc"
     assert mc.sizes() == {"train": 0, "dev": 0, "test": 3}
-    assert mc.test[0].options == ["True", "False"] and mc.test[0].answer == 1
+    first = mc.test[0]
+    assert first.prompt == "Q: True and False is\nOptions:\n(A) True\n(B) False\nA:"
+    assert first.options == ["(A)", "(B)"] and first.answer == 1 and first.response == " (B)"
+    assert mc.meta["eval"]["shots"] == 0
     gen = load_task("bbh:toy_sort_three_items")  # nested subtask directory toy_sort/three_items
     assert [e.response for e in gen.test] == [" a b c", " a b c"]
+    assert gen.test[0].prompt.startswith("Q: ") and gen.test[0].prompt.endswith("\nA:")
     assert gen.meta["kind"] == "gen"
     with pytest.raises(
         MetaloraDataError,
         match=r"no BIG-bench task 'nope'.*available: \['toy_logic', 'toy_sort_three_items'\]",
     ):
         load_task("bbh:nope")
+    with pytest.raises(MetaloraDataError, match=r"bbh:web_of_lies cannot be built.*not in the bigbench"):
+        load_task("bbh:web_of_lies")
 
 
 def test_bbh_missing_gives_instructions(monkeypatch):
-    from metalora.data import builtin
+    from metalora.data import bbh
 
-    monkeypatch.setattr(builtin, "bigbench_roots", lambda: [])
+    monkeypatch.setattr(bbh, "bigbench_roots", lambda: [])
     with pytest.raises(
-        MetaloraDataError, match=r"bbh:date_understanding needs the BIG-bench task files.*Do not pip install"
+        MetaloraDataError,
+        match=r"bbh:date_understanding needs the BIG-bench task files.*Do not pip install.*python -m metalora.data.bbh",
     ):
         load_task("bbh:date_understanding")
 

@@ -132,6 +132,9 @@ def test_build_context_and_shots() -> None:
         "Q?"
     )
     assert ctx == expected
+    # a response stored with its leading space (the SFT convention) is shown after one delimiter space
+    spaced = Ex("Question: 2 + 2?\nAnswer:", " 4", "colors", "d9", None, None)
+    assert build_context("Q?", [spaced]) == "Question: 2 + 2?\nAnswer: 4\n\nQ?"
     # random sampler: deterministic per (seed, item), never the item itself, depends on the seed
     pool = dev + [items[0]]
     a = [s.id for s in select_shots(items[0], pool, k=3, seed=7, sampler="random")]

@@ -129,6 +129,8 @@ def test_report_has_tables_and_plots(tmp_path):
             "adapter.type='qlora': expected one of ['hydra_lora', 'lora'",
         ),
         (["export", "nowhere", "--peft", "x"], "neither a metalora adapter directory nor a run directory"),
+        (["eval", "nowhere"], "--tasks is required: nowhere is not a run directory with a config.yaml"),
+        (["eval", "smollm2-135m", "--tasks", "arc_easy,gone.yaml"], "task spec file gone.yaml not found"),
         (
             ["select", "bm25", "--candidates", "no.jsonl", "--target", "no.jsonl", "--out", "o.jsonl"],
             "file not found: no.jsonl",

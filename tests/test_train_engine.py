@@ -254,3 +254,48 @@ def test_lora_st_trains_one_adapter_per_task(tmp_path):
         PAD,
     )
     assert max_abs_diff(adapter_state(a), adapter_state(alone)) == 0.0
+
+
+def test_lora_mt_logs_per_task_losses_against_a_per_sample_loop(tmp_path):
+    """``loss/<task>`` of a mixed batch = Σ token losses of that task's rows / their label tokens, computed
+    here one sample at a time in float64 with the adapter as it was before the step."""
+    from metalora.train.multitask import EpochBatches
+
+    features = mixed_features()
+    config = MultitaskConfig(batch_size=6, micro_batch_size=4)  # 2 micro-batches of mixed tasks
+    model = ml.add_adapter(tiny_model(), ml.LoRAConfig(r=4))
+    randomize = adapter_parameters(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in randomize.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    reference = tiny_model(dtype=torch.float64)
+    ml.add_adapter(reference, ml.LoRAConfig(r=4))
+    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    batch = EpochBatches(features, 6, seed=0).sample()  # the engine draws the same first batch
+    sums: dict[int, list[float]] = {}
+    for f in batch:
+        ids = torch.tensor([f["input_ids"]])
+        labels = torch.tensor([f["labels"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(reference(ids).logits[0], dim=-1)
+        acc = sums.setdefault(f["task_id"], [0.0, 0.0])
+        for t in range(ids.shape[1] - 1):
+            if labels[0, t + 1] != -100:
+                acc[0] -= float(logp[t, labels[0, t + 1]])
+                acc[1] += 1
+    names = ["alpha", "beta", "gamma"]
+    train_multitask(
+        model,
+        features,
+        config,
+        EngineConfig(max_steps=1, lr=1e-2, progress=False),
+        tmp_path,
+        PAD,
+        task_names=names,
+    )
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    expected = {f"loss/{names[t]}": s / n for t, (s, n) in sums.items()}
+    assert {k: v for k, v in logged.items() if k.startswith("loss/")} == pytest.approx(expected, rel=1e-5)
+    total = sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())
+    assert logged["loss"] == pytest.approx(total, rel=1e-5)

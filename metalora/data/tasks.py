@@ -192,7 +192,10 @@ def load_task(spec: TaskSpec | Mapping[str, Any] | str, seed: int = 0) -> Task:
     native: dict[str, list[Example]]
     if spec.builtin is not None:
         info = resolve_builtin(spec.builtin)
-        native = {k: _rename(v, spec.name) for k, v in info.loader(spec.name, spec.mc_response).items()}
+        loaded = info.loader(spec.name, spec.mc_response)
+        if isinstance(loaded, tuple):  # (splits, evaluation settings), e.g. BBH's lm-eval 3-shot protocol
+            loaded, meta["eval"] = loaded
+        native = {k: _rename(v, spec.name) for k, v in loaded.items()}
         meta.update(
             source=f"builtin:{spec.builtin} ({info.source})", license=info.license, eval_only=info.eval_only
         )
@@ -205,8 +208,11 @@ def load_task(spec: TaskSpec | Mapping[str, Any] | str, seed: int = 0) -> Task:
         )
 
     if meta["eval_only"]:
-        train, dev, test = [], [], [ex for exs in native.values() for ex in exs]
-        meta["split_rule"] = "eval only: every example in test"
+        dev = native.pop("fewshot", [])
+        train, test = [], [ex for exs in native.values() for ex in exs]
+        meta["split_rule"] = "eval only: every example in test" + (
+            ", the few-shot exemplars in dev" if dev else ""
+        )
     elif spec.native_splits and (len(native) > 1 or isinstance(spec.path, Mapping)):
         mapped = {NATIVE_SPLIT_MAP.get(k, k): v for k, v in native.items()}
         train, dev, test = (mapped.get(s, []) for s in SPLITS)

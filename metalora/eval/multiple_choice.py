@@ -105,11 +105,12 @@ class MCResult:
 
 
 def shot_target(shot: FewShotItem) -> str:
-    """The answer text a demonstration shows: ``options[answer]`` for MC examples, else ``response``."""
+    """The answer text a demonstration shows: ``options[answer]`` for MC examples, else ``response`` without
+    its leading spaces (``build_context`` puts the target delimiter in front: ``"Answer:" + " " + target``)."""
     options, answer = getattr(shot, "options", None), getattr(shot, "answer", None)
     if options is not None and answer is not None:
         return options[answer]
-    return shot.response
+    return shot.response.lstrip(" ")
 
 
 def _stable_int(text: str) -> int:

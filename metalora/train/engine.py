@@ -42,7 +42,7 @@ from metalora.train import checkpoint
 from metalora.train import distributed as dist_utils
 from metalora.train.counters import Counters, peak_memory
 from metalora.train.logging import MetricsLogger, Progress
-from metalora.train.loss import token_loss_sum
+from metalora.train.loss import token_loss_rows
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -200,19 +200,30 @@ class Engine:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
-    def loss_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """(Σ token losses, label tokens) of one batch; call inside ``routing(batch)``."""
+    def loss_rows(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-row Σ token losses [B], per-row label tokens [B]) of one batch; call inside ``routing(batch)``."""
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         with self.autocast():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return token_loss_sum(logits, batch["labels"])
+        return token_loss_rows(logits, batch["labels"])
 
-    def backward(self, batches: Sequence[dict[str, Any]], normalizer: float | None = None) -> float:
+    def loss_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(Σ token losses, label tokens) of one batch; call inside ``routing(batch)``."""
+        rows, counts = self.loss_rows(batch)
+        return rows.sum(), int(counts.sum())
+
+    def backward(
+        self,
+        batches: Sequence[dict[str, Any]],
+        normalizer: float | None = None,
+        per_task: dict[int, list[float]] | None = None,
+    ) -> float:
         """Accumulate ∇ [Σ_b Σ_tokens ℓ / normalizer] into ``.grad``; returns that loss value.
 
         ``normalizer`` defaults to the label tokens of ``batches`` (a mean-token loss over all of them,
         however they are split into micro-batches). Data parallelism passes the global count.
+        ``per_task``, if given, accumulates ``{task id: [Σ token losses, label tokens]}`` of this rank's rows.
         """
         if normalizer is None:
             normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
@@ -220,9 +231,17 @@ class Engine:
         total = 0.0
         for batch in batches:
             with self.routing(batch):
-                loss_sum, _ = self.loss_sum(batch)
+                rows, counts = self.loss_rows(batch)
+                loss_sum = rows.sum()
                 (loss_sum / normalizer).backward()
             total += float(loss_sum.detach())
+            if per_task is not None:
+                for task_id, row, count in zip(
+                    batch["task_ids"].tolist(), rows.detach().tolist(), counts.tolist(), strict=True
+                ):
+                    acc = per_task.setdefault(int(task_id), [0.0, 0.0])
+                    acc[0] += row
+                    acc[1] += count
         return total / normalizer
 
     def zero_grad(self) -> None:

@@ -14,21 +14,27 @@ import torch.nn.functional as F
 from metalora.data.tokenize import IGNORE_INDEX
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the label tokens and their count.
+def token_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of next-token cross-entropy over the label tokens, and per-row label-token counts.
 
     logits: [B, L, V]; labels: [B, L] with -100 on prompt and padding. Computed in at least fp32.
     """
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy a [B, L, V] tensor (HF's trick).
     targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # target of position t
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    loss = F.cross_entropy(
+    per_token = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).to(dtype),
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+        reduction="none",
+    ).view(targets.shape)  # [B, L], 0 where ignored
+    return per_token.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the label tokens and their count (see ``token_loss_rows``)."""
+    rows, counts = token_loss_rows(logits, labels)
+    return rows.sum(), int(counts.sum())
 
 
 def label_token_count(labels: torch.Tensor) -> int:

@@ -130,14 +130,33 @@ class EpochBatches:
 
 
 def multitask_step(
-    engine: Engine, batch: Sequence[Feature], config: MultitaskConfig, pad_token_id: int
+    engine: Engine,
+    batch: Sequence[Feature],
+    config: MultitaskConfig,
+    pad_token_id: int,
+    task_names: Sequence[str] | None = None,
 ) -> StepOutput:
-    """∇ of the global mean-token loss of ``batch`` into ``.grad`` (data parallel, accumulated)."""
+    """∇ of the global mean-token loss of ``batch`` into ``.grad`` (data parallel, accumulated).
+
+    With ``task_names`` (task id → name) the step also reports ``loss/<task>``: the mean token loss of each
+    task's rows in the batch (summed over ranks), so mixed-task runs get per-task loss curves."""
     label_tokens = count_label_tokens(batch)  # global N_B: every rank holds the whole batch
     local = micro_batches(dist_utils.shard(batch), pad_token_id, config.micro_batch_size)
-    loss = engine.backward(local, normalizer=float(max(label_tokens, 1))) if local else 0.0
+    per_task: dict[int, list[float]] = {}
+    loss = engine.backward(local, normalizer=float(max(label_tokens, 1)), per_task=per_task) if local else 0.0
     engine.sync_grads_()
-    return StepOutput(loss=engine.sum_over_ranks(loss), samples=len(batch), tokens=count_tokens(batch))
+    metrics = {}
+    if task_names is not None:
+        for task_id in sorted({int(f["task_id"]) for f in batch}):  # the same ids, in order, on every rank
+            loss_sum, tokens = per_task.get(task_id, [0.0, 0.0])
+            tokens = engine.sum_over_ranks(tokens)
+            if tokens > 0:
+                metrics[f"loss/{task_names[task_id]}"] = engine.sum_over_ranks(loss_sum) / tokens
+            else:
+                engine.sum_over_ranks(loss_sum)  # keep the collectives matched across ranks
+    return StepOutput(
+        loss=engine.sum_over_ranks(loss), samples=len(batch), tokens=count_tokens(batch), metrics=metrics
+    )
 
 
 def train_multitask(
@@ -148,15 +167,17 @@ def train_multitask(
     run_dir: str | Path,
     pad_token_id: int,
     desc: str = "LoRA-MT",
+    task_names: Sequence[str] | None = None,
 ) -> Counters:
-    """LoRA-MT: train ``model``'s adapter on the mixed ``features`` of all tasks."""
+    """LoRA-MT: train ``model``'s adapter on the mixed ``features`` of all tasks (``task_names``: task id →
+    name, for per-task loss curves)."""
     if config.epochs is not None:
         engine_config.max_steps = steps_for_epochs(len(features), config.batch_size, config.epochs)
     engine = Engine(model, engine_config, run_dir)
     batches = EpochBatches(features, config.batch_size, config.seed)
 
     def step(_: int) -> StepOutput:
-        return multitask_step(engine, batches.sample(), config, pad_token_id)
+        return multitask_step(engine, batches.sample(), config, pad_token_id, task_names)
 
     return engine.fit(step, stateful=batches, desc=desc, extra_state={"algorithm": "lora_mt"})
 

@@ -235,7 +235,9 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -
         train_meta(model, build_sampler(features, meta_cfg, task_to_id), meta_cfg, engine_cfg, run_dir, pad)
         return run_dir
     if cfg["algorithm"] == "lora_mt":
-        train_multitask(model, [f for fs in features.values() for f in fs], mt_cfg, engine_cfg, run_dir, pad)
+        names = sorted(task_to_id, key=task_to_id.get)
+        features_all = [f for fs in features.values() for f in fs]
+        train_multitask(model, features_all, mt_cfg, engine_cfg, run_dir, pad, task_names=names)
     else:
         first = {"model": model}
 

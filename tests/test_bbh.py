@@ -1,0 +1,78 @@
+"""BBH on the real BIG-bench task files with lm-eval's 3-shot exemplars (``metalora.data.bbh``).
+
+The dev install unpacks the BBH task files into metalora's cache (``python -m metalora.data.bbh``), so CI
+runs these; elsewhere they skip and say how to get the data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_eval_lm import model, reference_loglikelihood, tok  # noqa: F401
+
+from metalora.data import bbh, load_task
+from metalora.evaluate import default_shots, evaluate_tasks, mc_style, mc_view
+
+pytestmark = pytest.mark.skipif(
+    not (bbh.cache_root() / ".complete").is_file() or bbh.lm_eval_fewshot("date_understanding") is None,
+    reason="BBH task files or lm-eval not installed: run `python -m metalora.data.bbh` and pip install lm-eval",
+)
+
+# hand-typed: lm-eval's bbh_fewshot_date_understanding context for BIG-bench's first date item
+DATE_CONTEXT = (
+    "Infer the date from context.\n\n"
+    "Q: Today is Christmas Eve of 1937. What is the date 10 days ago in MM/DD/YYYY?\nOptions:\n(A) 12/14/2026\n"
+    "(B) 12/14/1950\n(C) 12/14/2007\n(D) 12/14/1937\n(E) 07/14/1938\n(F) 12/14/1988\nA: (D)\n\n"
+    "Q: Tomorrow is 11/12/2019. What is the date one year ago from today in MM/DD/YYYY?\nOptions:\n"
+    "(A) 09/04/2018\n(B) 11/11/2018\n(C) 08/25/2018\n(D) 11/02/2018\n(E) 11/04/2018\nA: (B)\n\n"
+    "Q: Jane and John married on Jan 2, 1958. It is their 5-year anniversary today. What is the date tomorrow "
+    "in MM/DD/YYYY?\nOptions:\n(A) 01/11/1961\n(B) 01/03/1963\n(C) 01/18/1961\n(D) 10/14/1960\n(E) 01/03/1982\n"
+    "(F) 12/03/1960\nA: (B)\n\n"
+    "Q: Yesterday was April 30, 2021. What is the date today in MM/DD/YYYY?\nOptions:\n(A) 05/01/2021\n"
+    "(B) 02/23/2021\n(C) 03/11/2021\n(D) 05/09/2021\n(E) 06/12/2021\n(F) 04/29/2021\nA:"
+)
+
+
+def test_letter_task_uses_lm_evals_three_exemplars_in_order():
+    task = load_task("bbh:date_understanding")
+    assert default_shots(task) == 3 and task.sizes() == {"train": 0, "dev": 3, "test": 369}
+    first = task.test[0]
+    assert first.options == ["(A)", "(B)", "(C)", "(D)", "(E)", "(F)"]
+    assert first.answer == 0  # the day after April 30, 2021 is 05/01/2021, option (A)
+    assert [d.response for d in task.dev] == [" (D)", " (B)", " (B)"]
+
+
+def test_word_tasks_map_bigbench_choices_to_bbh_answers():
+    nav = load_task("bbh:navigate")
+    raw = json.loads(bbh.task_file("navigate").read_text())["examples"]
+    for ex, row in zip(nav.test[:20], raw[:20], strict=True):
+        truth = max(row["target_scores"], key=row["target_scores"].get)
+        assert ex.options == ["Yes", "No"] and ex.options[ex.answer] == {"True": "Yes", "False": "No"}[truth]
+    sports = load_task("bbh:sports_understanding")
+    assert sports.test[0].options == ["yes", "no"] and [d.response for d in sports.dev] == [
+        " yes",
+        " no",
+        " yes",
+    ]
+
+
+def test_free_form_task_takes_the_digit_target_like_the_exemplars():
+    task = load_task("bbh:object_counting")
+    assert task.meta["kind"] == "gen" and task.test[0].response == " 3"  # BIG-bench lists ["three", "3"]
+    assert [d.response for d in task.dev] == [" 6", " 11", " 8"]
+
+
+def test_eval_scores_the_3_shot_context_like_a_hand_built_one(model, tok):  # noqa: F811
+    task = load_task("bbh:date_understanding")
+    task.test = task.test[:3]
+    got = evaluate_tasks(model, tok, [task], progress=False)["bbh:date_understanding"]
+    assert got["primary"] == "acc" and mc_style(task) == "text"
+    correct = 0
+    for j, ex in enumerate(task.test):
+        view = mc_view(ex, mc_style(task))
+        context = DATE_CONTEXT if j == 0 else DATE_CONTEXT[: DATE_CONTEXT.index("Q: Yesterday")] + ex.prompt
+        lls = [reference_loglikelihood(model, tok, context, " " + o)[0] for o in view.options]
+        correct += int(np.argmax(lls) == ex.answer)
+    assert got["acc"] == pytest.approx(correct / 3)
+    assert got["n"] == 3
