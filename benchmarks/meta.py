@@ -1,7 +1,7 @@
 """MeTA-LoRA efficiency and learning benchmark (issue 4): prints a table, writes ``results/meta.json``.
 
     python benchmarks/meta.py                          # parts a, b, c at the default (CPU) scale
-    python benchmarks/meta.py --parts d --seeds 0 1    # the learning check (needs SmolLM2 and time)
+    python benchmarks/meta_learning.py ...             # (d) the learning check and LR sweep: see that file
 
 (a) **Overhead.** Wall time of one MeTA-LoRA iteration (``meta_step`` + the engine's outer AdamW step:
     snapshot, k inner SGD steps per task, query gradients, restore, all-reduce, guard) over the time of
@@ -15,8 +15,7 @@
 (c) **Table 7 at our scale.** Optimizer steps and samples processed of MeTA-LoRA (50 examples per task,
     the paper's n, k, |S|, |Q|) against LoRA-MT on the full training splits of the built-in tasks, with
     token counts from the real SmolLM2 tokenization; wall time from the per-sample times of (a).
-(d) **Learning check.** Held-out accuracy (test split, 0-shot log-likelihood MC) of the base model,
-    few-shot LoRA-MT (50/task, 5 epochs), MeTA-LoRA (50/task), -STA, and full-data LoRA-MT, per seed.
+(d) **Learning check** and the LR sweep: ``benchmarks/meta_learning.py`` (it trains whole runs).
 
 Scale: this machine has 2 shared CPU cores, on which one SmolLM2-135M forward+backward of 8×64 tokens
 takes ~45 s; (a)/(b) therefore run by default on a small random-init Llama ("mini": hidden 128, 2 layers,
@@ -32,7 +31,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -323,104 +321,6 @@ def part_c(
     }
 
 
-# --- (d) learning check ---------------------------------------------------------------------------------
-
-
-def part_d(
-    model_name: str,
-    seq: int,
-    seeds: list[int],
-    iterations: int,
-    inner_lr: float,
-    outer_lr: float,
-    lora_lr: float,
-    full_steps: int,
-    eval_limit: int,
-) -> dict[str, Any]:
-    from metalora.data import load_tasks
-    from metalora.evaluate import evaluate_tasks
-    from metalora.train import run
-
-    tasks = load_tasks(TASKS, seed=0)
-    results: dict[str, Any] = {}
-    base = {
-        "model": model_name,
-        "data": {"tasks": TASKS, "max_length": seq},
-        "adapter": {"type": "lora", "r": 16, "alpha": 32, "target_modules": QKVO},
-        "train": {"progress": False, "log_every": 10},
-    }
-    recipes = {
-        "few_shot_lora": {
-            "algorithm": "lora_mt",
-            "data": {"examples_per_task": 50},
-            "multitask": {"batch_size": 8, "protocol": "few_shot"},
-            "train": {"lr": lora_lr},
-        },
-        "meta_lora": {
-            "algorithm": "meta",
-            "data": {"examples_per_task": 50},
-            "meta": {"inner_lr": inner_lr},
-            "train": {"lr": outer_lr, "max_steps": iterations},
-        },
-        "meta_lora_sta": {
-            "algorithm": "meta",
-            "data": {"examples_per_task": 50},
-            "meta": {"inner_lr": inner_lr, "sta": True},
-            "train": {"lr": outer_lr, "max_steps": iterations},
-        },
-        "lora_mt_full": {
-            "algorithm": "lora_mt",
-            "data": {"examples_per_task": None},
-            "multitask": {"batch_size": 8},
-            "train": {"lr": lora_lr, "max_steps": full_steps},
-        },
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tok = ml.load_base(model_name)
-        results["base"] = evaluate_tasks(
-            model, tok, tasks, split="test", shots=0, limit=eval_limit, progress=False
-        )
-        for seed in seeds:
-            for name, recipe in recipes.items():
-                cfg = _deep_merge(_deep_merge({}, base), recipe)
-                cfg.update(name=f"{name}-s{seed}", output_dir=tmp)
-                cfg["data"]["seed"] = seed
-                cfg.setdefault("meta", {})["seed"] = seed
-                cfg["train"]["seed"] = seed
-                t0 = time.perf_counter()
-                run_dir = run(cfg)
-                model = ml.load_adapter(ml.load_base(model_name)[0], run_dir / "adapter")
-                acc = evaluate_tasks(
-                    model, tok, tasks, split="test", shots=0, limit=eval_limit, progress=False
-                )
-                counters = json.loads((run_dir / "counters.json").read_text())
-                results[f"{name}/seed{seed}"] = {
-                    "acc": acc,
-                    "counters": counters,
-                    "wall_s": time.perf_counter() - t0,
-                }
-    return {
-        "settings": {
-            "seq": seq,
-            "iterations": iterations,
-            "inner_lr": inner_lr,
-            "outer_lr": outer_lr,
-            "lora_lr": lora_lr,
-            "full_steps": full_steps,
-            "eval_limit": eval_limit,
-            "seeds": seeds,
-        },
-        "results": results,
-    }
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 # --- main -------------------------------------------------------------------------------------------------
 
 
@@ -437,12 +337,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--iterations", type=int, default=1000, help="MeTA-LoRA iterations for (c) and (d)")
     p.add_argument("--mt-epochs", type=float, default=3.0, help="full-data LoRA-MT epochs for (c)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--inner-lr", type=float, default=5e-6)
-    p.add_argument("--outer-lr", type=float, default=2e-6)
-    p.add_argument("--lora-lr", type=float, default=1e-4)
-    p.add_argument("--full-steps", type=int, default=500)
-    p.add_argument("--eval-limit", type=int, default=100)
     p.add_argument("--probe", choices=["meta", "mt"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -479,23 +373,6 @@ def main() -> None:
         )
         rows = [{"method": k, **v} for k, v in c["rows"].items()]
         print(table(rows, ["method", "examples", "optimizer_steps", "samples", "tokens", "projected_wall_s"]))
-    if "d" in parts:
-        out["d_learning"] = d = part_d(
-            args.real_model,
-            args.seq,
-            args.seeds,
-            args.iterations,
-            args.inner_lr,
-            args.outer_lr,
-            args.lora_lr,
-            args.full_steps,
-            args.eval_limit,
-        )
-        rows = [
-            {"run": k, **{t: v["acc"][t]["acc"] if "acc" in v else v[t]["acc"] for t in TASKS}}
-            for k, v in d["results"].items()
-        ]
-        print(table(rows, ["run", *TASKS]))
     previous = {}
     path = Path(__file__).resolve().parent / "results" / "meta.json"
     if path.is_file():

@@ -3,7 +3,9 @@
 Multiple-choice tasks are scored by log-likelihood (``metalora.eval.multiple_choice``). The scored
 continuation of option j is the same text the model is trained to produce for it, following the task's
 ``mc_response`` (``" B. <option>"`` for the default ``letter_text``, ``" B"`` for ``letter``, ``" <option>"``
-for ``text``), so before/after numbers measure the trained behaviour on identical prompts. Generation tasks (GSM8K) use greedy decoding and exact match on the extracted answer.
+for ``text``), so before/after numbers measure the trained behaviour on identical prompts. Generation tasks (GSM8K) use greedy decoding and exact match on the extracted answer; when every gold answer is a
+number they also get Pearson r (``regression_metrics``). A task may fix its own protocol in
+``task.meta["eval"]`` (BBH: lm-eval's 3-shot exemplars in order, its description, options "(A)"…).
 
 Task-routed adapters (MTL-LoRA, MoELoRA) get each sample's task id by name. A task the adapter was not
 trained on is routed by ``unseen_task``: ``"uniform"`` averages the option log-likelihoods over all trained
@@ -113,6 +115,7 @@ def evaluate_tasks(
                 "primary": "exact_match",
                 "exact_match": res.per_task[task.name]["exact_match"],
                 "n": len(items),
+                **regression_metrics(res.predictions),
             }
             continue
         style = mc_style(task)
@@ -187,6 +190,30 @@ def binary_metrics(views: list[MCView], loglikelihoods: list) -> dict[str, float
             out[name] = float(fn(gold, arg))
         except ValueError:  # e.g. only one class among the gold answers
             continue
+    return out
+
+
+def regression_metrics(predictions: list) -> dict[str, float]:
+    """For generation tasks whose gold answers are all numbers (STS-B-style scores, counts): Pearson r
+    between predicted and gold numbers over the items whose prediction is a number, and the fraction of
+    items that parsed (``parsed``; the others are left out of r, not scored as 0). Empty when a gold answer
+    is not a number or r is undefined (fewer than 2 parsed items, or one side constant)."""
+    from metalora.eval.extract import normalize_number
+    from metalora.eval.metrics import pearson
+
+    golds = [normalize_number(p.gold) if p.gold else None for p in predictions]
+    if not predictions or any(g is None for g in golds):
+        return {}
+    pairs = [
+        (float(x), float(g))
+        for p, g in zip(predictions, golds, strict=True)
+        if p.prediction is not None and (x := normalize_number(p.prediction)) is not None
+    ]
+    out = {"parsed": len(pairs) / len(predictions)}
+    try:
+        out["pearson"] = float(pearson([x for x, _ in pairs], [g for _, g in pairs]))
+    except ValueError:
+        pass
     return out
 
 

@@ -119,3 +119,19 @@ def test_specific_errors() -> None:
         f1([0, 1], [0, 1], average="micro")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="1-D"):
         accuracy([[1, 0]], [[1, 0]])
+
+
+def test_regression_metrics_of_generations_match_scipy():
+    """Pearson over the numeric predictions (unparsed ones left out and counted), against scipy."""
+    from scipy.stats import pearsonr
+
+    from metalora.eval.generation import GenPrediction
+    from metalora.evaluate import regression_metrics
+
+    rows = [("3.8", "4"), ("1", "0.5"), (None, "2"), ("2.5", "2.4"), ("five", "5"), ("4.6", "4.4")]
+    preds = [GenPrediction(f"i{j}", "sts", "", p, g, p == g) for j, (p, g) in enumerate(rows)]
+    got = regression_metrics(preds)
+    kept = [(3.8, 4.0), (1.0, 0.5), (2.5, 2.4), (4.6, 4.4)]
+    assert got["parsed"] == pytest.approx(4 / 6)
+    assert got["pearson"] == pytest.approx(pearsonr(*zip(*kept, strict=True)).statistic, abs=1e-12)
+    assert regression_metrics([GenPrediction("a", "t", "", "x", "a cat", False)]) == {}  # not numeric gold
