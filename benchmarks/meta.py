@@ -14,7 +14,9 @@
     query gradients = 2 × adapter bytes) and the activation bytes autograd saves per forward. Goal ≤ 1.05.
 (c) **Table 7 at our scale.** Optimizer steps and samples processed of MeTA-LoRA (50 examples per task,
     the paper's n, k, |S|, |Q|) against LoRA-MT on the full training splits of the built-in tasks, with
-    token counts from the real SmolLM2 tokenization; wall time from the per-sample times of (a).
+    token counts from the real SmolLM2 tokenization (the demo's 4 tasks, cloze, ≤128 tokens); a wall time
+    projected from (a)'s per-sample times here, and from SmolLM2's measured per-token training times by
+    ``benchmarks/meta_learning.py summary``.
 (d) **Learning check** and the LR sweep: ``benchmarks/meta_learning.py`` (it trains whole runs).
 
 Scale: this machine has 2 shared CPU cores, on which one SmolLM2-135M forward+backward of 8×64 tokens
@@ -53,7 +55,8 @@ from metalora.train.batching import count_tokens, micro_batches  # noqa: E402
 from metalora.train.meta import build_sampler, meta_step  # noqa: E402
 from metalora.train.multitask import EpochBatches, multitask_step, steps_for_epochs  # noqa: E402
 
-TASKS = ["arc_easy", "boolq", "sciq", "piqa"]
+# (c) and (d) use the demo's tasks, cloze style (the response is the answer's text)
+TASKS = [{"name": t, "mc_response": "text"} for t in ("arc_easy", "csqa", "siqa", "sst2")]
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PAPER = {"n_tasks": 2, "inner_steps": 3, "support_size": 8, "query_size": 8}
 
@@ -307,7 +310,7 @@ def part_c(
         rows["meta_lora"]["projected_wall_s"] = rows["meta_lora"]["samples"] * a["meta_s_per_sample"]
         rows["lora_mt_full"]["projected_wall_s"] = rows["lora_mt_full"]["samples"] * a["lora_mt_s_per_sample"]
     return {
-        "tasks": TASKS,
+        "tasks": [t["name"] for t in TASKS],
         "seq": seq,
         "iterations": iterations,
         "lora_mt_epochs": mt_epochs,
@@ -369,7 +372,7 @@ def main() -> None:
         )
     if "c" in parts:
         out["c_table7"] = c = part_c(
-            args.real_model, 256, args.iterations, args.mt_epochs, out.get("a_overhead")
+            args.real_model, 128, args.iterations, args.mt_epochs, out.get("a_overhead")
         )
         rows = [{"method": k, **v} for k, v in c["rows"].items()]
         print(table(rows, ["method", "examples", "optimizer_steps", "samples", "tokens", "projected_wall_s"]))

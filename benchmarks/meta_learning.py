@@ -169,27 +169,25 @@ def _fmt_acc(acc: dict[str, dict[str, float]]) -> str:
 
 
 def sweep_jobs() -> list[tuple[str, str, dict[str, float]]]:
-    """(key, method, rates) of the sweep, most informative first; the check's own rates come first and
-    reuse the check's seed-0 training run (same recipe), scored again on the dev split."""
-    jobs = [("sweep/base-s0", "base", {})]
-    for inner, outer in META_GRID:
-        rates = {"inner_lr": inner, "outer_lr": outer}
-        jobs.append((f"sweep/meta_lora-a{inner:g}-b{outer:g}-s0", "meta_lora", rates))
-    for lr in LORA_GRID:
-        jobs.append((f"sweep/few_shot_lora-lr{lr:g}-s0", "few_shot_lora", {"lora_lr": lr}))
-    return jobs
+    """(key, method, rates) of the sweep, most informative first: the base model and the check's own rates
+    (whose seed-0 training runs are reused: same recipe, scored again on the dev split), then the grid."""
+    meta = [
+        (f"sweep/meta_lora-a{a:g}-b{b:g}-s0", "meta_lora", {"inner_lr": a, "outer_lr": b})
+        for a, b in META_GRID
+    ]
+    lora = [(f"sweep/few_shot_lora-lr{lr:g}-s0", "few_shot_lora", {"lora_lr": lr}) for lr in LORA_GRID]
+    return [("sweep/base-s0", "base", {}), meta[0], lora[0], *meta[1:], *lora[1:]]
 
 
 def sweep(work_dir: Path, limit: int, shard: tuple[int, int] = (0, 1)) -> None:
     index, count = shard
-    jobs = []
     for key, method, rates in sweep_jobs()[index::count]:
-        same_as_check = method != "base" and all(CHECK_RATES[k] == v for k, v in rates.items())
-        jobs.append((same_as_check, key, method, rates))
-    for same_as_check, key, method, rates in sorted(jobs, key=lambda j: j[0]):  # reused runs last
-        run_one(
-            key, method, 0, rates, "dev", limit, work_dir, f"check/{method}-s0" if same_as_check else None
-        )
+        reuse = method != "base" and all(CHECK_RATES[k] == v for k, v in rates.items())
+        run_name = f"check/{method}-s0" if reuse else None
+        if reuse and not (work_dir / run_name / "counters.json").is_file():
+            print(f"{key}: skipped, the check's run {run_name} has not finished yet", flush=True)
+            continue
+        run_one(key, method, 0, rates, "dev", limit, work_dir, run_name)
 
 
 def check(seed: int, work_dir: Path, limit: int) -> None:
@@ -232,9 +230,54 @@ def summary() -> dict[str, Any]:
     print(
         table(check_rows, ["method", "seeds", *tasks, "mean", "optimizer_steps", "samples", "train_wall_s"])
     )
-    out = {"check_rates": CHECK_RATES, "sweep": sweep_rows, "check": check_rows, "runs": check_runs}
+    timing = timing_rows(check_runs)
+    if timing:
+        print("\n(c) measured on SmolLM2 (training only, 1 thread, two runs side by side on 2 cores):")
+        print(table(timing, ["run", "optimizer_steps", "samples", "tokens", "wall_s", "ms_per_token"]))
+    out = {
+        "check_rates": CHECK_RATES,
+        "sweep": sweep_rows,
+        "check": check_rows,
+        "timing": timing,
+        "table7_projection": table7_projection(timing),
+        "runs": check_runs,
+    }
     print(f"wrote {save('meta_learning', out)}")
     return out
+
+
+def timing_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measured training counters of every check run (part (c)'s wall times, measured on SmolLM2)."""
+    rows = []
+    for r in runs:
+        c = r["counters"]
+        if c:
+            rows.append(
+                {
+                    "run": Path(r["key"]).name,
+                    "optimizer_steps": c["optimizer_steps"],
+                    "samples": c["samples"],
+                    "tokens": c["tokens"],
+                    "wall_s": round(c["wall_time_s"], 1),
+                    "ms_per_token": 1000 * c["wall_time_s"] / max(c["tokens"], 1),
+                }
+            )
+    return rows
+
+
+def table7_projection(timing: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Table 7's scale (``results/meta.json`` part (c): MeTA-LoRA 1,000 iterations vs LoRA-MT on the full
+    splits) timed with the per-token rates measured here for MeTA-LoRA and full-data LoRA-MT."""
+    path = RESULTS / "meta.json"
+    if not path.is_file() or not timing:
+        return None
+    rows = json.loads(path.read_text()).get("c_table7", {}).get("rows", {})
+    rate = {
+        kind: statistics.fmean(t["ms_per_token"] for t in timing if t["run"].startswith(prefix)) / 1000
+        for kind, prefix in (("meta_lora", "meta_lora-s"), ("lora_mt_full", "lora_mt_full-s"))
+        if any(t["run"].startswith(prefix) for t in timing)
+    }
+    return {k: {**rows[k], "wall_s_at_measured_rate": rows[k]["tokens"] * rate[k]} for k in rate if k in rows}
 
 
 def main() -> None:

@@ -145,8 +145,9 @@ def cpu_time_medians(fns: dict[str, Any], repeats: int, warmup: int = 1) -> dict
 
 
 def memory_probe(kind: str) -> dict[str, int]:
-    """In a fresh process: peak RSS of one step of ``kind`` after one warm-up step of the same kind."""
-    torch.set_num_threads(2)
+    """In a fresh process: peak RSS of one step of ``kind`` after one warm-up step of the same kind (one
+    thread: the same for every kind, and no OpenMP stalls when the machine is shared)."""
+    torch.set_num_threads(1)
     model, tok = load_model()
     nudge_b(model)
     model.train()
@@ -308,8 +309,11 @@ def train_rw(
 
 
 @torch.no_grad()
-def mc_accuracy(model, tok, examples, batch: int = 16, max_length: int = TRAIN_MAX_LEN) -> float:
-    """Accuracy of argmax_j Σ log p(response_j | prompt) over the formatted options (letter + text)."""
+def mc_accuracy(
+    model, tok, examples, batch: int = 16, max_length: int = TRAIN_MAX_LEN, style: str = "letter_text"
+) -> float:
+    """Accuracy of argmax_j Σ log p(response_j | prompt) over the options formatted in ``style`` (default
+    letter + text); for cloze (``text``) the sum is divided by the option's token count (length-normalised)."""
     from metalora.data import Example, collate
     from metalora.data.templates import format_mc_response
     from metalora.train.reweight import forward_losses
@@ -321,7 +325,7 @@ def mc_accuracy(model, tok, examples, batch: int = 16, max_length: int = TRAIN_M
             items.append(
                 Example(
                     prompt=ex.prompt,
-                    response=format_mc_response(ex.options, j),
+                    response=format_mc_response(ex.options, j, style),
                     task=ex.task,
                     id=f"{ex.id}#{j}",
                 )
@@ -331,7 +335,8 @@ def mc_accuracy(model, tok, examples, batch: int = 16, max_length: int = TRAIN_M
     scores = []
     for i in range(0, len(feats), batch):
         losses, _ = forward_losses(model, collate(feats[i : i + batch], tok.pad_token_id))
-        scores += [-float(loss) * n for loss, n in zip(losses, n_tok[i : i + batch], strict=True)]
+        scale = (lambda n: 1.0) if style == "text" else (lambda n: n)
+        scores += [-float(loss) * scale(n) for loss, n in zip(losses, n_tok[i : i + batch], strict=True)]
     k, correct = 0, 0
     for ex in examples:
         m = len(ex.options)
@@ -344,7 +349,7 @@ def mc_accuracy(model, tok, examples, batch: int = 16, max_length: int = TRAIN_M
 # --- (c) noisy labels ----------------------------------------------------------------------------------
 
 
-def corrupt(examples, fraction: float, seed: int):
+def corrupt(examples, fraction: float, seed: int, style: str = "letter_text"):
     """Replace the answer of ``fraction`` of the examples by a random wrong option; returns (examples, is_corrupt)."""
     from dataclasses import replace
 
@@ -356,21 +361,25 @@ def corrupt(examples, fraction: float, seed: int):
     for i, ex in enumerate(examples):
         if i in bad:
             wrong = rng.choice([j for j in range(len(ex.options)) if j != ex.answer])
-            ex = replace(ex, response=format_mc_response(ex.options, wrong), answer=wrong)
+            ex = replace(ex, response=format_mc_response(ex.options, wrong, style), answer=wrong)
         out.append(ex)
     return out, [i in bad for i in range(len(examples))]
 
 
-def part_c(seeds: list[int], n_train: int, steps: int, lr: float) -> dict[str, Any]:
-    from metalora.data import load_task
+def part_c(
+    seeds: list[int], n_train: int, steps: int, lr: float, style: str = "letter_text"
+) -> dict[str, Any]:
+    """``style``: how answers are written (``letter_text`` " B. <option>", or cloze ``text`` " <option>", where
+    the whole loss sits on the answer's content and accuracy is length-normalised)."""
+    from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
     from metalora.train.reweight import mean_sample_weights, read_weight_log
 
     torch.set_num_threads(1)
-    task = load_task("sciq")
+    task = load_task(TaskSpec(name="sciq", mc_response=style))
     results = []
     for seed in seeds:
-        train_ex, is_bad = corrupt(task.train[:n_train], 0.3, seed)
+        train_ex, is_bad = corrupt(task.train[:n_train], 0.3, seed, style)
         runs = {}
         for method in ("plain", "reweight"):
             model, tok = load_model(seed)
@@ -384,7 +393,7 @@ def part_c(seeds: list[int], n_train: int, steps: int, lr: float) -> dict[str, A
                     train_rw(model, feats, val, steps, lr, seed, Path(d), tok.pad_token_id, val_batch_size=2)
                     weights = mean_sample_weights(read_weight_log(d))
                 seconds = time.perf_counter() - t0
-            runs[method] = {"test_acc": mc_accuracy(model, tok, task.test), "train_s": seconds}
+            runs[method] = {"test_acc": mc_accuracy(model, tok, task.test, style=style), "train_s": seconds}
         ids = [f["sample_id"] for f in feats]
         seen = [i for i, s in enumerate(ids) if s in weights]
         labels = [0 if is_bad[i] else 1 for i in seen]  # clean = positive
@@ -410,7 +419,7 @@ def part_c(seeds: list[int], n_train: int, steps: int, lr: float) -> dict[str, A
         f"(2 per step), {steps} steps of {TRAIN_BATCH}, lr {lr}, test = sciq test ({len(task.test)})"
     )
     print(table(results, list(results[0])))
-    return {"rows": results, "n_train": n_train, "steps": steps, "lr": lr}
+    return {"rows": results, "n_train": n_train, "steps": steps, "lr": lr, "mc_response": style}
 
 
 # --- (d) Table-2 analogue --------------------------------------------------------------------------------
@@ -524,6 +533,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--d-steps", type=int, default=10)
+    parser.add_argument(
+        "--mc-style",
+        default="letter_text",
+        choices=["letter_text", "letter", "text"],
+        help="(c): answer format",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -535,8 +550,9 @@ def main() -> None:
     if "b" in parts:
         results["b_time"] = part_b(args.repeats)
     if "c" in parts:
-        results["c_noisy_labels"] = part_c(
-            seeds, n_train=args.steps * TRAIN_BATCH, steps=args.steps, lr=args.lr
+        key = "c_noisy_labels" if args.mc_style == "letter_text" else f"c_noisy_labels_{args.mc_style}"
+        results[key] = part_c(
+            seeds, n_train=args.steps * TRAIN_BATCH, steps=args.steps, lr=args.lr, style=args.mc_style
         )
     if "d" in parts:
         results["d_table2"] = part_d(seeds, per_task=20, steps=args.d_steps, lr=args.lr, k=24)

@@ -3,8 +3,9 @@
 Multiple-choice tasks are scored by log-likelihood (``metalora.eval.multiple_choice``). The scored
 continuation of option j is the same text the model is trained to produce for it, following the task's
 ``mc_response`` (``" B. <option>"`` for the default ``letter_text``, ``" B"`` for ``letter``, ``" <option>"``
-for ``text``), so before/after numbers measure the trained behaviour on identical prompts. Generation tasks (GSM8K) use greedy decoding and exact match on the extracted answer; when every gold answer is a
-number they also get Pearson r (``regression_metrics``). A task may fix its own protocol in
+for ``text``), so before/after numbers measure the trained behaviour on identical prompts. Generation tasks
+(GSM8K) use greedy decoding and exact match on the extracted answer; when every gold answer is a number
+they also get Pearson r (``regression_metrics``). A task may fix its own protocol in
 ``task.meta["eval"]`` (BBH: lm-eval's 3-shot exemplars in order, its description, options "(A)"…).
 
 Task-routed adapters (MTL-LoRA, MoELoRA) get each sample's task id by name. A task the adapter was not

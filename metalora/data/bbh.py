@@ -23,6 +23,7 @@ next-symbol choice, BBH's a free-form completion). Written by hand: no library r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -112,8 +113,6 @@ def task_file(task: str) -> Path:
 def lm_eval_fewshot(task: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
     """(description, ((input, target), …)) of lm-eval's BBH 3-shot config for ``task``, or None if lm-eval
     or the task's file is not installed. Read as YAML text: lm-eval is not imported."""
-    import importlib.util
-
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
         return None
