@@ -367,10 +367,20 @@ def corrupt(examples, fraction: float, seed: int, style: str = "letter_text"):
 
 
 def part_c(
-    seeds: list[int], n_train: int, steps: int, lr: float, style: str = "letter_text"
+    seeds: list[int],
+    n_train: int,
+    steps: int,
+    lr: float,
+    style: str = "letter_text",
+    similarity: str = "low_rank",
+    epochs: int = 1,
+    score: str = "dot",
 ) -> dict[str, Any]:
     """``style``: how answers are written (``letter_text`` " B. <option>", or cloze ``text`` " <option>", where
-    the whole loss sits on the answer's content and accuracy is length-normalised)."""
+    the whole loss sits on the answer's content and accuracy is length-normalised); ``similarity``: the
+    reweighting score (``exact`` = true per-sample gradient inner products, the reference); ``epochs``: passes
+    over the ``n_train`` samples (``steps`` per pass); with more than one, the AUC is also reported from the
+    weights of the later passes only, when the adapter has learned from the clean majority."""
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
     from metalora.train.reweight import mean_sample_weights, read_weight_log
@@ -388,10 +398,24 @@ def part_c(
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
                 if method == "plain":
-                    train_plain(model, feats, steps, lr, seed, Path(d), tok.pad_token_id)
+                    train_plain(model, feats, steps * epochs, lr, seed, Path(d), tok.pad_token_id)
                 else:
-                    train_rw(model, feats, val, steps, lr, seed, Path(d), tok.pad_token_id, val_batch_size=2)
-                    weights = mean_sample_weights(read_weight_log(d))
+                    train_rw(
+                        model,
+                        feats,
+                        val,
+                        steps * epochs,
+                        lr,
+                        seed,
+                        Path(d),
+                        tok.pad_token_id,
+                        val_batch_size=2,
+                        similarity=similarity,
+                        score=score,
+                    )
+                    records = read_weight_log(d)
+                    weights = mean_sample_weights(records)
+                    late = mean_sample_weights([r for r in records if r["step"] > steps])
                 seconds = time.perf_counter() - t0
             runs[method] = {"test_acc": mc_accuracy(model, tok, task.test, style=style), "train_s": seconds}
         ids = [f["sample_id"] for f in feats]
@@ -400,10 +424,20 @@ def part_c(
         score = [weights[ids[i]]["mean_relative_weight"] for i in seen]
         clean_w = float(np.mean([s for s, y in zip(score, labels, strict=True) if y]))
         bad_w = float(np.mean([s for s, y in zip(score, labels, strict=True) if not y]))
+        late_seen = [i for i in seen if ids[i] in late]
+        auc_late = (
+            auc_roc(
+                [labels[seen.index(i)] for i in late_seen],
+                [late[ids[i]]["mean_relative_weight"] for i in late_seen],
+            )
+            if epochs > 1
+            else None
+        )
         results.append(
             {
                 "seed": seed,
                 "auc_clean_vs_corrupt": auc_roc(labels, score),
+                "auc_after_epoch_1": auc_late,
                 "samples_scored": len(seen),
                 "mean_Bw_clean": clean_w,
                 "mean_Bw_corrupt": bad_w,
@@ -416,10 +450,20 @@ def part_c(
         print(results[-1], flush=True)
     print(
         f"\n(c) noisy labels: sciq, {n_train} train (30% wrong answers), 32 clean dev for validation "
-        f"(2 per step), {steps} steps of {TRAIN_BATCH}, lr {lr}, test = sciq test ({len(task.test)})"
+        f"(2 per step), {steps * epochs} steps of {TRAIN_BATCH} ({epochs} epochs), lr {lr}, "
+        f"test = sciq test ({len(task.test)})"
     )
     print(table(results, list(results[0])))
-    return {"rows": results, "n_train": n_train, "steps": steps, "lr": lr, "mc_response": style}
+    return {
+        "rows": results,
+        "n_train": n_train,
+        "steps": steps,
+        "lr": lr,
+        "mc_response": style,
+        "similarity": similarity,
+        "epochs": epochs,
+        "score": score,
+    }
 
 
 # --- (d) Table-2 analogue --------------------------------------------------------------------------------
@@ -539,6 +583,11 @@ def main() -> None:
         choices=["letter_text", "letter", "text"],
         help="(c): answer format",
     )
+    parser.add_argument(
+        "--similarity", default="low_rank", choices=["low_rank", "dense", "exact"], help="(c): the score"
+    )
+    parser.add_argument("--c-epochs", type=int, default=1, help="(c): passes over the noisy training set")
+    parser.add_argument("--score", default="dot", choices=["dot", "cosine"], help="(c): reweighting score")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -550,9 +599,28 @@ def main() -> None:
     if "b" in parts:
         results["b_time"] = part_b(args.repeats)
     if "c" in parts:
-        key = "c_noisy_labels" if args.mc_style == "letter_text" else f"c_noisy_labels_{args.mc_style}"
+        key = (
+            "c_noisy_labels"
+            + "".join(
+                f"_{v}"
+                for v, default in (
+                    (args.mc_style, "letter_text"),
+                    (args.similarity, "low_rank"),
+                    (args.score, "dot"),
+                )
+                if v != default
+            )
+            + (f"_{args.c_epochs}epochs" if args.c_epochs > 1 else "")
+        )
         results[key] = part_c(
-            seeds, n_train=args.steps * TRAIN_BATCH, steps=args.steps, lr=args.lr, style=args.mc_style
+            seeds,
+            n_train=args.steps * TRAIN_BATCH,
+            steps=args.steps,
+            lr=args.lr,
+            style=args.mc_style,
+            similarity=args.similarity,
+            epochs=args.c_epochs,
+            score=args.score,
         )
     if "d" in parts:
         results["d_table2"] = part_d(seeds, per_task=20, steps=args.d_steps, lr=args.lr, k=24)

@@ -8,9 +8,10 @@
 5. export the adapter as a plain PEFT LoRA and check PEFT reproduces the adapted logits;
 6. write ``report.md`` with plots (loss per task, accuracy vs base, efficiency counters).
 
-The MeTA-LoRA rates are the ones found for this model by the sweep in ``benchmarks/meta.py`` (the paper's
-α=5e-6, β=2e-6 are for 7B models over 1,000 iterations); ``--quick`` keeps every stage but shrinks the
-iteration count and the number of test items so that CI can run it as a smoke test in about 2 minutes.
+The MeTA-LoRA rates are the ones the learning check in ``benchmarks/meta_learning.py`` uses and sweeps
+(the paper's α=5e-6, β=2e-6 are for 7B models over 1,000 iterations); ``--quick`` keeps every stage but
+shrinks the iteration count and the number of test items so that CI can run it as a smoke test in about
+2 minutes.
 """
 
 from __future__ import annotations

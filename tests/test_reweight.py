@@ -4,6 +4,7 @@ dense statistics, explicit per-sample gradient dot products for ``exact``, Σ w_
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def single_sample_stats(model, feature, length, similarity, positions):
 
 
 def brute_force_weights(
-    model, train, val, similarity="low_rank", positions="response", aggregation="per_sample"
+    model, train, val, similarity="low_rank", positions="response", aggregation="per_sample", score="dot"
 ):
     lt = max(len(f["input_ids"]) for f in train)
     lv = max(len(f["input_ids"]) for f in val)
@@ -123,10 +124,23 @@ def brute_force_weights(
                 av = sum(v[n][0] for v in va) / len(va)
                 gv = sum(v[n][1] for v in va) / len(va)
                 total += float(a @ av) * float(g @ gv)
+        if score == "cosine":  # divided by the rank-one estimate of ‖∇ℓ_i‖
+            total /= math.sqrt(sum(float(a @ a) * float(g @ g) for a, g in stats.values()))
         u.append(total)
     u = torch.tensor(u, dtype=torch.float64)
     pos = u.clamp(min=0)
     return u, pos / pos.sum(), [s[1] for s in tr]
+
+
+def test_cosine_score_equals_float64_brute_force():
+    model = f64_model("lora")
+    train, val = batches()
+    result, _ = run_step(model, train, val, ReweightConfig(score="cosine"))
+    u_ref, w_ref, _ = brute_force_weights(model, train, val, score="cosine")
+    dot, _ = run_step(f64_model("lora"), train, val, ReweightConfig())
+    assert not torch.allclose(result.weights, dot.weights)  # the option changes the weights
+    torch.testing.assert_close(result.scores, u_ref, rtol=1e-9, atol=1e-12 * float(u_ref.abs().max()))
+    torch.testing.assert_close(result.weights, w_ref, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +214,13 @@ def test_exact_mode_equals_explicit_per_sample_gradient_dot_products(adapter, mo
         dtype=torch.float64,
     )
     torch.testing.assert_close(result.scores, u_ref, rtol=1e-9, atol=1e-14)
+    cosine, _ = run_step(
+        model, train, val, ReweightConfig(similarity="exact", modules=modules, score="cosine")
+    )
+    norms = torch.tensor(
+        [math.sqrt(sum(float((g[n] ** 2).sum()) for n in chosen)) for g in g_train], dtype=torch.float64
+    )
+    torch.testing.assert_close(cosine.scores, u_ref / norms, rtol=1e-9, atol=1e-14)
     w = u_ref.clamp(min=0) / u_ref.clamp(min=0).sum()
     torch.testing.assert_close(result.weights, w, rtol=1e-9, atol=1e-12)
     expected = {n: sum(float(w[i]) * g_train[i][n] for i in range(len(train))) for n in params}

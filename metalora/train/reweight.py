@@ -28,6 +28,7 @@ option (all in ``ReweightConfig``):
 |---|---|---|
 | token reduction | response positions only | ``positions="all"``: mean over all positions, padding and prompt |
 | negative u | clipped to 0 | ``negative="shift"``: u − 2·min(u) when min(u) < 0 |
+| score scale | u as defined | (neither) ``score="cosine"``: u_i / ‖∇ℓ_i‖, our option |
 | first step | weighted; Σ max(u,0) ≤ δ (B = 0 ⇒ g = 0) falls back to uniform w, recorded | ``unweighted_first_step=True`` |
 | validation loss | only scores samples | ``val_step_every=N``: an AdamW step on the validation loss every N steps |
 | validation statistics | per validation sample, then the mean of the products | ``val_aggregation="mean"``: means first, then one product |
@@ -96,6 +97,9 @@ class ReweightConfig:
     """Token reduction: ``response`` (paper), ``nonpad``, ``all`` (published code: mean over every position)."""
     val_aggregation: str = "per_sample"
     """``per_sample`` (mean over v of the products) or ``mean`` (published code: product of the means)."""
+    score: str = "dot"
+    """``dot`` u_i = Σ_l (ā_i·ā_v)(ĝ_i·ĝ_v) (paper) or ``cosine``: u_i / ‖∇ℓ_i‖ (our option, not in the
+    paper or its code: the direction of a sample's gradient, not its size, decides its weight)."""
     negative: str = "clip"
     """``clip`` max(u, 0) (paper) or ``shift`` u − 2·min(u) when min(u) < 0 (published code)."""
     delta: float = 1e-30
@@ -134,6 +138,7 @@ class ReweightConfig:
                 self.val_aggregation in sim.VAL_AGGREGATIONS,
                 f"one of {sim.VAL_AGGREGATIONS}",
             ),
+            ("score", self.score in sim.SCORES, f"one of {sim.SCORES}"),
             ("negative", self.negative in sim.NEGATIVES, f"one of {sim.NEGATIVES}"),
             ("fallback", self.fallback in sim.FALLBACKS, f"one of {sim.FALLBACKS}"),
             ("delta", self.delta >= 0, "a non-negative number"),
@@ -338,8 +343,13 @@ def reweighted_gradient(
                 (per_sample[n].flatten(1).to(torch.float64) @ val.grad[n].flatten().to(torch.float64))
                 for n in chosen
             )
+            if config.score == "cosine":
+                norms = sum(per_sample[n].flatten(1).to(torch.float64).pow(2).sum(1) for n in chosen).sqrt()
+                u_local = sim.cosine_scores(u_local, norms)
         else:
             u_local = sim.similarity_scores(capture.stats(), val.stats, config.val_aggregation)
+            if config.score == "cosine":
+                u_local = sim.cosine_scores(u_local, sim.sample_norms(capture.stats()))
         u = gather_rows(u_local.to(losses.device), total)
         all_losses = gather_rows(losses.detach(), total)
         all_valid = gather_rows(valid, total)

@@ -62,6 +62,7 @@ SIMILARITIES = ("low_rank", "dense", "exact")
 MODULE_SUBSETS = ("all", "attention", "mlp")
 POSITIONS = ("response", "nonpad", "all")
 VAL_AGGREGATIONS = ("per_sample", "mean")
+SCORES = ("dot", "cosine")
 NEGATIVES = ("clip", "shift")
 FALLBACKS = ("uniform", "zero")
 
@@ -233,6 +234,24 @@ def similarity_scores(
         u = term if u is None else u + term
     assert u is not None, "no similarity sites"
     return u
+
+
+def sample_norms(train: dict[str, SiteStats]) -> torch.Tensor:
+    """‖∇ℓ_i‖ [B] (float64) as the same statistics estimate it: sqrt(Σ_l (ā_i·ā_i)(ĝ_i·ĝ_i)), the norm the
+    rank-one approximation ∇_l ℓ_i ≈ ĝ_i ā_iᵀ gives (for ``score="cosine"``)."""
+    total = None
+    for t in train.values():
+        term = (t.a * t.a).sum(1) * (t.g * t.g).sum(1)
+        total = term if total is None else total + term
+    assert total is not None, "no similarity sites"
+    return total.sqrt()
+
+
+def cosine_scores(u: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """u_i / ‖∇ℓ_i‖ (0 where the norm is 0): only the direction of a sample's gradient counts, so samples
+    with large losses (and gradients) cannot dominate w by magnitude alone. ‖∇L_V‖ is the same for every
+    i and cancels in w."""
+    return torch.where(norms > 0, u / norms.clamp(min=torch.finfo(norms.dtype).tiny), torch.zeros_like(u))
 
 
 @dataclass
