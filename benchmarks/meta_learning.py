@@ -203,7 +203,14 @@ def summary() -> dict[str, Any]:
     tasks = _tasks()
     sweep_rows = []
     for r in _load("sweep"):
-        row = {"run": Path(r["key"]).name, **{t: _primary(r["acc"][t]) for t in tasks}}
+        rates = r["rates"] or {}
+        row = {
+            "run": r["method"],
+            "inner_lr": f"{rates['inner_lr']:g}" if "inner_lr" in rates else "",
+            "outer_or_lora_lr": f"{rates.get('outer_lr', rates.get('lora_lr', 0)):g}" if rates else "",
+            "is_check_rate": bool(rates) and all(CHECK_RATES[k] == v for k, v in rates.items()),
+            **{t: _primary(r["acc"][t]) for t in tasks},
+        }
         row["mean"] = statistics.fmean(row[t] for t in tasks)
         sweep_rows.append(row)
     check_runs = _load("check")
@@ -225,7 +232,7 @@ def summary() -> dict[str, Any]:
             row["train_wall_s"] = round(statistics.fmean(r["counters"]["wall_time_s"] for r in runs))
         check_rows.append(row)
     print("LR sweep (seed 0, dev split, acc_norm):")
-    print(table(sweep_rows, ["run", *tasks, "mean"]))
+    print(sweep_markdown(sweep_rows))
     print("\nLearning check (test split, acc_norm, mean ± spread over seeds):")
     print(
         table(check_rows, ["method", "seeds", *tasks, "mean", "optimizer_steps", "samples", "train_wall_s"])
@@ -244,6 +251,22 @@ def summary() -> dict[str, Any]:
     }
     print(f"wrote {save('meta_learning', out)}")
     return out
+
+
+def sweep_markdown(rows: list[dict[str, Any]]) -> str:
+    """The sweep as the table in ``docs/benchmarks.md``."""
+    names = {"base": "base model", "few_shot_lora": "few-shot LoRA", "meta_lora": "MeTA-LoRA"}
+    lines = [
+        "| method | α (inner) | β (outer) / LoRA lr | arc_easy | csqa | siqa | sst2 | mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = names[r["run"]] + (" (check's)" if r["is_check_rate"] else "")
+        scores = " | ".join(f"{r[t]:.2f}" for t in _tasks())
+        lines.append(
+            f"| {name} | {r['inner_lr']} | {r['outer_or_lora_lr']} | {scores} | **{r['mean']:.3f}** |"
+        )
+    return "\n".join(lines)
 
 
 def timing_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -421,9 +421,9 @@ def part_c(
         ids = [f["sample_id"] for f in feats]
         seen = [i for i, s in enumerate(ids) if s in weights]
         labels = [0 if is_bad[i] else 1 for i in seen]  # clean = positive
-        score = [weights[ids[i]]["mean_relative_weight"] for i in seen]
-        clean_w = float(np.mean([s for s, y in zip(score, labels, strict=True) if y]))
-        bad_w = float(np.mean([s for s, y in zip(score, labels, strict=True) if not y]))
+        relative = [weights[ids[i]]["mean_relative_weight"] for i in seen]
+        clean_w = float(np.mean([s for s, y in zip(relative, labels, strict=True) if y]))
+        bad_w = float(np.mean([s for s, y in zip(relative, labels, strict=True) if not y]))
         late_seen = [i for i in seen if ids[i] in late]
         auc_late = (
             auc_roc(
@@ -436,7 +436,7 @@ def part_c(
         results.append(
             {
                 "seed": seed,
-                "auc_clean_vs_corrupt": auc_roc(labels, score),
+                "auc_clean_vs_corrupt": auc_roc(labels, relative),
                 "auc_after_epoch_1": auc_late,
                 "samples_scored": len(seen),
                 "mean_Bw_clean": clean_w,
