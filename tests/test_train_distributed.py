@@ -62,7 +62,8 @@ CASE = textwrap.dedent(
         model = ml.add_adapter(tiny_model(dtype=torch.float64), ml.LoRAConfig(r=4))
         features = sum(make_pools(length=8, vary=True).values(), [])
         cfg = MultitaskConfig(batch_size=6, micro_batch_size=2, seed=1)
-        return model, train_multitask(model, features, cfg, engine_config(), run_dir, PAD)
+        names = ["t0", "t1", "t2"]
+        return model, train_multitask(model, features, cfg, engine_config(), run_dir, PAD, task_names=names)
     """
 )
 
@@ -121,3 +122,12 @@ def test_two_processes_match_one(tmp_path, launcher):
         assert len(two_ckpt) == 4, two_ckpt  # 2 checkpoints x 2 ranks
         saved = json.loads((tmp_path / "two" / name / "counters.json").read_text())
         assert (saved["optimizer_steps"], saved["samples"]) == (counters.optimizer_steps, counters.samples)
+    # per-task losses of mixed batches are summed over ranks: the 2-process log equals the 1-process one
+    logs = {
+        k: [json.loads(line) for line in (tmp_path / k / "mt" / "metrics.jsonl").read_text().splitlines()]
+        for k in ("one", "two")
+    }
+    per_task = [{k: v for k, v in rec.items() if k.startswith("loss")} for rec in logs["one"]]
+    assert any(len(rec) > 2 for rec in per_task)  # mixed batches log several tasks
+    for one, two in zip(per_task, logs["two"], strict=True):
+        assert one == pytest.approx({k: two[k] for k in one}, rel=1e-9)
