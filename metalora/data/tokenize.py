@@ -212,16 +212,15 @@ def tokenize_examples(
     return features, stats
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy per sample over its unmasked response tokens.
+def token_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sums of next-token cross-entropy over the unmasked labels, and their counts.
 
     Args:
         logits: ``[B, L, V]`` model outputs (unshifted, as HF returns them).
         labels: ``[B, L]`` with ``-100`` on prompt and padding (unshifted; shifted here as HF does).
 
     Returns:
-        ``(loss [B], valid [B] bool)``: a sample with no unmasked label has loss exactly 0 (no NaN, no
-        gradient) and ``valid=False``. Computed in at least float32 (float64 logits stay float64).
+        ``(sums [B], counts [B] long)``, computed in at least float32 (float64 logits stay float64).
     """
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy a [B, L, V] tensor.
     targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # target of position t
@@ -232,6 +231,15 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(targets.shape)  # [B, L], 0 where masked
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    loss = token_loss.sum(dim=1) / counts.clamp(min=1)
-    return loss, counts > 0
+    return token_loss.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy per sample over its unmasked response tokens (``token_loss_rows``).
+
+    Returns:
+        ``(loss [B], valid [B] bool)``: a sample with no unmasked label has loss exactly 0 (no NaN, no
+        gradient) and ``valid=False``. Computed in at least float32 (float64 logits stay float64).
+    """
+    sums, counts = token_loss_rows(logits, labels)
+    return sums / counts.clamp(min=1), counts > 0

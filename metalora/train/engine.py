@@ -42,7 +42,7 @@ from metalora.train import checkpoint
 from metalora.train import distributed as dist_utils
 from metalora.train.counters import Counters, peak_memory
 from metalora.train.logging import MetricsLogger, Progress
-from metalora.train.loss import token_loss_rows
+from metalora.train.loss import label_token_count, token_loss_rows
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -208,11 +208,6 @@ class Engine:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return token_loss_rows(logits, batch["labels"])
 
-    def loss_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """(Σ token losses, label tokens) of one batch; call inside ``routing(batch)``."""
-        rows, counts = self.loss_rows(batch)
-        return rows.sum(), int(counts.sum())
-
     def backward(
         self,
         batches: Sequence[dict[str, Any]],
@@ -226,7 +221,7 @@ class Engine:
         ``per_task``, if given, accumulates ``{task id: [Σ token losses, label tokens]}`` of this rank's rows.
         """
         if normalizer is None:
-            normalizer = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+            normalizer = float(sum(label_token_count(b["labels"]) for b in batches))
         normalizer = max(normalizer, 1.0)
         total = 0.0
         for batch in batches:
