@@ -46,6 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, save, table  # noqa: E402
 
+from metalora.demo import DEMO_TASK_SPECS  # noqa: E402
+
 MODEL = "smollm2-135m"
 STORE = RESULTS / "meta_learning"
 CHECK_RATES = {"inner_lr": 1e-2, "outer_lr": 2e-3, "lora_lr": 1e-3}
@@ -56,20 +58,16 @@ METHODS = ["base", "few_shot_lora", "meta_lora", "meta_lora_sta", "lora_mt_full"
 
 
 def _tasks() -> list[str]:
-    from metalora.demo import DEMO_TASKS
-
-    return DEMO_TASKS
+    return [spec["name"] for spec in DEMO_TASK_SPECS]
 
 
 def recipe(method: str, seed: int, rates: dict[str, float], work_dir: Path, key: str) -> dict[str, Any]:
-    from metalora.demo import MC_STYLE
-
     cfg: dict[str, Any] = {
         "name": key,
         "output_dir": str(work_dir),
         "model": MODEL,  # adapter: the runner's default, LoRA r=16, alpha 32 on q,k,v,o
         "data": {
-            "tasks": [{"name": t, "mc_response": MC_STYLE} for t in _tasks()],
+            "tasks": [dict(spec) for spec in DEMO_TASK_SPECS],
             "examples_per_task": 50,
             "max_length": 128,
             "seed": seed,
@@ -103,11 +101,10 @@ def recipe(method: str, seed: int, rates: dict[str, float], work_dir: Path, key:
 
 def evaluate(adapter_dir: Path | None, seed: int, split: str, limit: int) -> dict[str, dict[str, float]]:
     import metalora as ml
-    from metalora.data import TaskSpec, load_task
-    from metalora.demo import MC_STYLE
+    from metalora.data import load_tasks
     from metalora.evaluate import evaluate_tasks
 
-    tasks = [load_task(TaskSpec(name=n, mc_response=MC_STYLE), seed=seed) for n in _tasks()]
+    tasks = load_tasks(DEMO_TASK_SPECS, seed=seed)
     model, tok = ml.load_base(MODEL)
     if adapter_dir is not None:
         model = ml.load_adapter(model, adapter_dir)

@@ -26,6 +26,7 @@ from metalora import atomic
 
 DEMO_TASKS = ["arc_easy", "csqa", "siqa", "sst2"]
 MC_STYLE = "text"
+DEMO_TASK_SPECS = [{"name": name, "mc_response": MC_STYLE} for name in DEMO_TASKS]  # cloze: answer text
 
 FULL = {"iterations": 50, "eval_limit": 50, "max_length": 128}
 QUICK = {"iterations": 2, "eval_limit": 8, "max_length": 96}
@@ -48,7 +49,7 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict[str, Any]:
         # cloze style: the response is the answer's text (scored with acc_norm, as lm-eval does); a 135M
         # model does not learn to bind option letters to contents in tens of steps
         "data": {
-            "tasks": [{"name": name, "mc_response": MC_STYLE} for name in DEMO_TASKS],
+            "tasks": [dict(spec) for spec in DEMO_TASK_SPECS],
             "examples_per_task": 50,
             "max_length": scale["max_length"],
             "seed": 0,
@@ -76,7 +77,7 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict[str, Any]:
 
 def run_demo(quick: bool = False, out_dir: str | Path = "runs/demo") -> Path:
     from metalora.adapters import export_peft, load_adapter
-    from metalora.data import TaskSpec, load_task
+    from metalora.data import load_tasks
     from metalora.evaluate import evaluate_tasks, format_table
     from metalora.models import load_base
     from metalora.report import write_report
@@ -86,7 +87,7 @@ def run_demo(quick: bool = False, out_dir: str | Path = "runs/demo") -> Path:
     scale = QUICK if quick else FULL
     t0 = time.perf_counter()
     print(f"[1/6] loading SmolLM2-135M and the tasks {', '.join(DEMO_TASKS)}", flush=True)
-    tasks = [load_task(TaskSpec(name=n, mc_response=MC_STYLE), seed=0) for n in DEMO_TASKS]
+    tasks = load_tasks(DEMO_TASK_SPECS, seed=0)
     base, tokenizer = load_base("smollm2-135m")
     eval_kwargs = dict(split="test", shots=0, limit=scale["eval_limit"], batch_size=8, progress=True)
 

@@ -265,8 +265,7 @@ def base_name_of(target: str) -> str:
         from metalora.export import task_adapters
 
         per_task = task_adapters(path)
-        directory = next(iter(per_task.values())) if per_task and not (path / "adapter").is_dir() else None
-        return read_adapter_record(directory or adapter_dir(path))["base_model"]
+        return read_adapter_record(next(iter(per_task.values()), None) or adapter_dir(path))["base_model"]
     return target
 
 
@@ -284,9 +283,12 @@ def format_table(
 
 
 def eval_tasks_for(target: str, tasks_arg: str | None, seed: int | None) -> tuple[list[Task], int]:
-    """The tasks to evaluate and the split seed: ``--tasks`` (built-in names and/or YAML/JSON files holding
-    a task spec, a list of them, ``{tasks: [...]}`` or a whole run recipe, comma-separated), or by default a run directory's own ``data.tasks`` and ``data.seed`` from its
-    ``config.yaml`` (so a run is scored on the held-out split of the data it was trained on)."""
+    """The tasks to evaluate and the split seed.
+
+    ``--tasks`` is comma-separated: built-in names, the run's own task names, and YAML/JSON files holding
+    a task spec, a list of them, ``{tasks: [...]}`` or a whole run recipe. By default, a run directory's
+    own ``data.tasks`` and ``data.seed`` from its ``config.yaml`` (so a run is scored on the held-out
+    split of the data it was trained on)."""
     config_file = Path(target) / "config.yaml"
     run_data = yaml.safe_load(config_file.read_text())["data"] if config_file.is_file() else None
     seed = seed if seed is not None else int(run_data["seed"]) if run_data else 0
@@ -294,10 +296,7 @@ def eval_tasks_for(target: str, tasks_arg: str | None, seed: int | None) -> tupl
         if run_data is None:
             raise ValueError(f"--tasks is required: {target} is not a run directory with a config.yaml")
         return [load_task(spec, seed=seed) for spec in run_data["tasks"]], seed
-    run_specs = {}
-    for spec in run_data["tasks"] if run_data else []:
-        spec = TaskSpec(name=spec) if isinstance(spec, str) else TaskSpec.from_dict(spec)
-        run_specs[spec.name] = spec
+    run_specs = {spec.name: spec for spec in map(TaskSpec.coerce, run_data["tasks"] if run_data else [])}
     specs: list[Any] = []
     for item in (t.strip() for t in tasks_arg.split(",")):
         if not item:
@@ -323,7 +322,7 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     tasks, seed = eval_tasks_for(args.target, args.tasks, args.seed)
     unseen: str | int = int(args.unseen_task) if args.unseen_task.isdigit() else args.unseen_task
     kwargs = dict(split=args.split, shots=args.shots, limit=args.limit, batch_size=args.batch_size, seed=seed)
-    per_task = task_adapters(args.target) if not (Path(args.target) / "adapter").is_dir() else {}
+    per_task = task_adapters(args.target)
     with torch.no_grad():
         if per_task:  # LoRA-ST: each task with its own adapter
             missing = [t.name for t in tasks if t.name not in per_task]

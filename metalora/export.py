@@ -13,9 +13,10 @@ from metalora.adapters.merge import export_peft, merge
 
 
 def task_adapters(run_dir: str | Path) -> dict[str, Path]:
-    """``{task: adapter directory}`` of a LoRA-ST run (``runs/NAME/tasks/<task>/adapter``); empty otherwise."""
+    """``{task: adapter directory}`` of a LoRA-ST run (``runs/NAME/tasks/<task>/adapter``); empty for
+    anything else, including a run with one shared ``adapter/``."""
     root = Path(run_dir) / "tasks"
-    if not root.is_dir():
+    if not root.is_dir() or (Path(run_dir) / "adapter" / CONFIG_FILE).is_file():
         return {}
     return {p.parent.name: p for p in sorted(root.glob("*/adapter")) if (p / CONFIG_FILE).is_file()}
 
@@ -59,7 +60,7 @@ def load_adapted(source: str | Path, base: str | None = None, task: str | None =
 def export_cli(args: argparse.Namespace) -> None:
     if not args.peft and not args.merge:
         raise ValueError("nothing to do: give --peft DIR and/or --merge DIR")
-    if task_adapters(args.source) and not (Path(args.source) / "adapter").is_dir():
+    if task_adapters(args.source):
         # LoRA-ST: --task picks the task's own adapter, a plain LoRA
         model, task = load_adapted(args.source, args.base, args.task), None
     else:

@@ -164,7 +164,7 @@ def load_bbh(task: str, name: str) -> tuple[dict[str, list[Example]], dict[str, 
             choices = list(ex["target_scores"])
             answer = int(np.argmax([ex["target_scores"][c] for c in choices]))
             if _letter_task(shots):
-                if len(choices) > len(LETTERS):  # BBH kept only items it could letter (A)-(R)
+                if len(choices) > len(LETTERS):  # more choices than letters: BBH drops such items too
                     dropped += 1
                     continue
                 listing = "\n".join(f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))

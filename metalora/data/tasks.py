@@ -109,6 +109,15 @@ class TaskSpec:
             raise MetaloraDataError(f"task {self.name!r}: set options_field and answer_field together")
 
     @classmethod
+    def coerce(cls, spec: TaskSpec | Mapping[str, Any] | str) -> TaskSpec:
+        """A `TaskSpec` from a spec, a config mapping (``from_dict``) or a built-in name."""
+        if isinstance(spec, str):
+            return cls(name=spec)
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        return spec
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TaskSpec:
         """Build from a config mapping; an unknown key raises listing the valid ones."""
         valid = [f.name for f in fields(cls)]
@@ -184,10 +193,7 @@ def _load_file_examples(spec: TaskSpec, path: str, split_tag: str) -> list[Examp
 
 def load_task(spec: TaskSpec | Mapping[str, Any] | str, seed: int = 0) -> Task:
     """Load one task: a `TaskSpec`, a config dict, or a built-in name; splits are cut with ``seed``."""
-    if isinstance(spec, str):
-        spec = TaskSpec(name=spec)
-    elif isinstance(spec, Mapping):
-        spec = TaskSpec.from_dict(spec)
+    spec = TaskSpec.coerce(spec)
     meta: dict[str, Any] = {"seed": int(seed), "eval_only": False}
     native: dict[str, list[Example]]
     if spec.builtin is not None:
@@ -234,13 +240,7 @@ def load_task(spec: TaskSpec | Mapping[str, Any] | str, seed: int = 0) -> Task:
 
 def load_tasks(specs: Iterable[TaskSpec | Mapping[str, Any] | str], seed: int = 0) -> list[Task]:
     """Load several tasks; duplicate names raise before anything is read."""
-    resolved = []
-    for s in specs:
-        if isinstance(s, str):
-            s = TaskSpec(name=s)
-        elif isinstance(s, Mapping):
-            s = TaskSpec.from_dict(s)
-        resolved.append(s)
+    resolved = [TaskSpec.coerce(s) for s in specs]
     names = [s.name for s in resolved]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

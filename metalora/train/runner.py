@@ -224,20 +224,18 @@ def run(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -
     }
     _write_run_files(run_dir, cfg, (engine_cfg, meta_cfg, mt_cfg, protocol), data_info)
 
+    mixed = [f for fs in features.values() for f in fs]  # all tasks' features, for reweight and LoRA-MT
     if cfg["algorithm"] == "reweight":
         from metalora.train.reweight import train_reweight
 
         val_features = _validation_features(cfg, tokenizer, task_to_id)
-        train_features = [f for fs in features.values() for f in fs]
-        train_reweight(model, train_features, val_features, _reweight_section(cfg), engine_cfg, run_dir, pad)
+        train_reweight(model, mixed, val_features, _reweight_section(cfg), engine_cfg, run_dir, pad)
         return run_dir
     if cfg["algorithm"] == "meta":
         train_meta(model, build_sampler(features, meta_cfg, task_to_id), meta_cfg, engine_cfg, run_dir, pad)
         return run_dir
     if cfg["algorithm"] == "lora_mt":
-        names = sorted(task_to_id, key=task_to_id.get)
-        features_all = [f for fs in features.values() for f in fs]
-        train_multitask(model, features_all, mt_cfg, engine_cfg, run_dir, pad, task_names=names)
+        train_multitask(model, mixed, mt_cfg, engine_cfg, run_dir, pad, task_names=list(task_to_id))
     else:
         first = {"model": model}
 
