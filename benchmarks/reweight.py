@@ -1,6 +1,6 @@
 """META-LoRA reweighting on SmolLM2-135M with real built-in data: memory, step time, noisy labels, Table 2.
 
-    python benchmarks/reweight.py [--parts a,b,c,d] [--seeds 0,1]
+    python benchmarks/reweight.py [--parts a,b,c,probe,d] [--seeds 0,1]
 
 (a) peak memory of one reweighting step over one plain LoRA step, same training batch (each in a fresh
     subprocess, peak RSS reset right before the measured step, after one warm-up step of the same kind);
@@ -8,10 +8,22 @@
     forward/backward of V, the work any scheme must do; reweighting with the one-backward ``fused``
     scheme and with the published ``two_backward`` scheme; plus the agreement of the low-rank (L) and
     dense (D) scores with the ``exact`` per-sample-gradient scores on one batch;
-(c) noisy labels: 30% of a real task's training answers replaced by a wrong option; AUC with which each
-    sample's mean learned weight separates clean from corrupted, and held-out accuracy vs plain LoRA;
-(d) a small Table-2 analogue: a mixed pool of four tasks, validation on ARC-Easy dev, test on ARC-Easy
-    test; plain LoRA on the pool, reweighting, and the selection baselines (BM25, DSIR, classifier, MIX).
+(c) noisy labels: 30% of a real task's training answers replaced by a wrong option (``--c-task``, sciq by
+    default; sst2 flips the label); AUC with which each sample's mean learned weight separates clean from
+    corrupted, and held-out accuracy vs plain LoRA; ``--c-warm-steps`` starts both from an adapter
+    trained on clean, disjoint examples;
+(probe) the best case of the score on the (c) data: exact per-sample gradients against the mean gradient
+    of the whole validation set at checkpoints of plain training; AUC of the dot product, its cosine and
+    the loss, and how well the dot product separates the *given* labels of a binary task;
+(d) a small Table-2 analogue: a mixed pool of four tasks, validation on the target's dev split, test on
+    its test split (``--d-target``, ARC-Easy by default; ``--d-pool``); plain LoRA on the pool,
+    reweighting, and the selection baselines (BM25, DSIR, classifier, MIX).
+
+The settings in ``docs/benchmarks.md`` were run with, besides the defaults:
+    --parts c --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40 --c-epochs 2
+    --parts probe --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40
+    --parts d --d-target sst2 --d-pool sst2,siqa,piqa,boolq --d-per-task 40 --d-k 40 --d-steps 20 --lr 5e-4
+        --d-mc-style text
 
 Scale (2 shared CPU cores): LoRA r=16 on q,k,v,o, sequences ≤ 128 tokens, tens of steps. Prints tables,
 writes ``benchmarks/results/reweight.json``.
@@ -27,6 +39,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,24 +388,46 @@ def part_c(
     similarity: str = "low_rank",
     epochs: int = 1,
     score: str = "dot",
+    task_name: str = "sciq",
+    val_batch: int = 2,
+    warm_steps: int = 0,
+    warm_lr: float = 5e-4,
 ) -> dict[str, Any]:
     """``style``: how answers are written (``letter_text`` " B. <option>", or cloze ``text`` " <option>", where
     the whole loss sits on the answer's content and accuracy is length-normalised); ``similarity``: the
     reweighting score (``exact`` = true per-sample gradient inner products, the reference); ``epochs``: passes
     over the ``n_train`` samples (``steps`` per pass); with more than one, the AUC is also reported from the
-    weights of the later passes only, when the adapter has learned from the clean majority."""
+    weights of the later passes only, when the adapter has learned from the clean majority. ``warm_steps``:
+    both methods start from one adapter first trained (plain LoRA, ``warm_lr``) for that many steps on
+    clean training examples disjoint from the noisy ones, a stand-in for a model that already knows the
+    task (the premise of gradient-agreement reweighting: the validation gradient carries the task)."""
+    from metalora.adapters import adapter_parameters
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
     from metalora.train.reweight import mean_sample_weights, read_weight_log
 
     torch.set_num_threads(1)
-    task = load_task(TaskSpec(name="sciq", mc_response=style))
+    task = load_task(TaskSpec(name=task_name, mc_response=style))
     results = []
     for seed in seeds:
         train_ex, is_bad = corrupt(task.train[:n_train], 0.3, seed, style)
         runs = {}
+        warm_state, warm_acc = None, None
+        if warm_steps:
+            model, tok = load_model(seed)
+            clean = task.train[n_train : n_train + warm_steps * TRAIN_BATCH]
+            with tempfile.TemporaryDirectory() as d:
+                feats = features(tok, clean, max_length=TRAIN_MAX_LEN)
+                train_plain(model, feats, warm_steps, warm_lr, seed, Path(d), tok.pad_token_id)
+            warm_state = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
+            warm_acc = mc_accuracy(model, tok, task.test, style=style)
+            print({"seed": seed, "warm_start_acc": warm_acc, "clean_examples": len(clean)}, flush=True)
         for method in ("plain", "reweight"):
             model, tok = load_model(seed)
+            if warm_state is not None:
+                with torch.no_grad():
+                    for n, p in adapter_parameters(model).items():
+                        p.copy_(warm_state[n])
             feats = features(tok, train_ex, max_length=TRAIN_MAX_LEN)
             val = features(tok, task.dev[:32], max_length=TRAIN_MAX_LEN)
             with tempfile.TemporaryDirectory() as d:
@@ -409,7 +444,7 @@ def part_c(
                         seed,
                         Path(d),
                         tok.pad_token_id,
-                        val_batch_size=2,
+                        val_batch_size=val_batch,
                         similarity=similarity,
                         score=score,
                     )
@@ -438,6 +473,7 @@ def part_c(
                 "seed": seed,
                 "auc_clean_vs_corrupt": auc_roc(labels, relative),
                 "auc_after_epoch_1": auc_late,
+                "acc_warm_start": warm_acc,
                 "samples_scored": len(seen),
                 "mean_Bw_clean": clean_w,
                 "mean_Bw_corrupt": bad_w,
@@ -449,9 +485,9 @@ def part_c(
         )
         print(results[-1], flush=True)
     print(
-        f"\n(c) noisy labels: sciq, {n_train} train (30% wrong answers), 32 clean dev for validation "
-        f"(2 per step), {steps * epochs} steps of {TRAIN_BATCH} ({epochs} epochs), lr {lr}, "
-        f"test = sciq test ({len(task.test)})"
+        f"\n(c) noisy labels: {task_name}, {n_train} train (30% wrong answers), 32 clean dev for validation "
+        f"({val_batch} per step), {steps * epochs} steps of {TRAIN_BATCH} ({epochs} epochs), lr {lr}, "
+        f"test = {task_name} test ({len(task.test)})"
     )
     print(table(results, list(results[0])))
     return {
@@ -463,44 +499,189 @@ def part_c(
         "similarity": similarity,
         "epochs": epochs,
         "score": score,
+        "task": task_name,
+        "val_batch": val_batch,
+        "warm_steps": warm_steps,
+        "warm_lr": warm_lr,
+    }
+
+
+def _plain_steps(model, feats, steps: int, lr: float, rng, pad: int) -> None:
+    """``steps`` AdamW steps of plain LoRA on random batches of ``TRAIN_BATCH`` (a fresh optimizer)."""
+    from metalora.adapters import adapter_parameters
+    from metalora.data import collate
+    from metalora.train.reweight import forward_losses
+
+    opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        batch = collate([feats[i] for i in rng.choice(len(feats), TRAIN_BATCH, replace=False)], pad)
+        forward_losses(model, batch)[0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _exact_sample_grads(model, feats, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, P] float64 per-sample adapter gradients, [N] losses) of ``feats``, a batch at a time."""
+    from metalora.adapters import adapter_parameters
+    from metalora.data import collate
+    from metalora.train.reweight import forward_losses
+    from metalora.train.similarity import PerSampleLoRAGrads
+
+    names = list(adapter_parameters(model))
+    grads = PerSampleLoRAGrads(model)
+    out, losses_out = [], []
+    for i in range(0, len(feats), TRAIN_BATCH):
+        with grads.capture():
+            losses, _ = forward_losses(model, collate(feats[i : i + TRAIN_BATCH], pad))
+            losses.sum().backward()
+        model.zero_grad(set_to_none=True)
+        out.append(torch.cat([grads.grads[n].flatten(1).double() for n in names], 1))
+        losses_out.append(losses.detach().double())
+    return torch.cat(out), torch.cat(losses_out)
+
+
+def label_separation(given: list[int], score: torch.Tensor) -> float:
+    """AUC with which ``score`` tells the two *given* answers of a binary task apart, either way round."""
+    from metalora.eval.metrics import auc_roc
+
+    auc = auc_roc(given, score.tolist())
+    return max(auc, 1 - auc)
+
+
+def part_c_probe(
+    seeds: list[int],
+    n_train: int,
+    checkpoints: Sequence[int],
+    lr: float,
+    task_name: str,
+    style: str = "text",
+    warm_steps: int = 0,
+    warm_lr: float = 5e-4,
+) -> dict[str, Any]:
+    """Is the label-noise signal in the gradients at all? Plain LoRA trains on the noisy set (batches of
+    ``TRAIN_BATCH`` drawn at random; optionally after a clean warm start as in (c)); at each checkpoint the
+    exact per-sample gradient ∇ℓ_i of every training sample (``PerSampleLoRAGrads``) is scored against the
+    mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
+    approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
+    cosine, and of −ℓ_i (the small-loss criterion, for comparison) is reported with held-out accuracy."""
+    from metalora.data import TaskSpec, load_task
+    from metalora.eval.metrics import auc_roc
+
+    torch.set_num_threads(1)
+    task = load_task(TaskSpec(name=task_name, mc_response=style))
+    rows = []
+    for seed in seeds:
+        train_ex, is_bad = corrupt(task.train[:n_train], 0.3, seed, style)
+        labels = [0 if b else 1 for b in is_bad]
+        given = [int(ex.answer == 1) for ex in train_ex]
+        n_options = max(len(ex.options) for ex in train_ex)
+        model, tok = load_model(seed)
+        nudge_b(model, 1e-3, seed)  # B = 0 would make every adapter-A gradient zero at checkpoint 0
+        pad = tok.pad_token_id
+        rng = np.random.default_rng(seed)
+
+        if warm_steps:
+            clean = task.train[n_train : n_train + warm_steps * TRAIN_BATCH]
+            _plain_steps(model, features(tok, clean, max_length=TRAIN_MAX_LEN), warm_steps, warm_lr, rng, pad)
+        feats = features(tok, train_ex, max_length=TRAIN_MAX_LEN)
+        val = features(tok, task.dev[:32], max_length=TRAIN_MAX_LEN)
+
+        done = 0
+        for checkpoint in checkpoints:
+            _plain_steps(model, feats, checkpoint - done, lr, rng, pad)
+            done = checkpoint
+            g_train, loss_train = _exact_sample_grads(model, feats, pad)
+            g_val, loss_val = _exact_sample_grads(model, val, pad)
+            dot = g_train @ g_val.mean(0)
+            cosine = dot / g_train.norm(dim=1).clamp_min(1e-30)
+
+            rows.append(
+                {
+                    "seed": seed,
+                    "step": checkpoint,
+                    "test_acc": mc_accuracy(model, tok, task.test, style=style),
+                    "train_loss": float(loss_train.mean()),
+                    "val_loss": float(loss_val.mean()),
+                    "auc_dot": auc_roc(labels, dot.tolist()),
+                    "auc_cosine": auc_roc(labels, cosine.tolist()),
+                    "auc_neg_loss": auc_roc(labels, (-loss_train).tolist()),
+                    "label_separation_dot": label_separation(given, dot) if n_options == 2 else None,
+                    "frac_dot_positive_clean": float((dot[torch.tensor(labels) == 1] > 0).double().mean()),
+                    "frac_dot_positive_corrupt": float((dot[torch.tensor(labels) == 0] > 0).double().mean()),
+                }
+            )
+            print(rows[-1], flush=True)
+    print(
+        f"\n(c) probe: {task_name}, {n_train} train (30% wrong answers), exact per-sample gradients vs the mean "
+        f"of 32 clean dev gradients; plain LoRA lr {lr}"
+        + (f" after {warm_steps} clean warm-start steps (lr {warm_lr})" if warm_steps else "")
+    )
+    print(table(rows, list(rows[0])))
+    return {
+        "rows": rows,
+        "task": task_name,
+        "n_train": n_train,
+        "lr": lr,
+        "warm_steps": warm_steps,
+        "warm_lr": warm_lr,
+        "mc_response": style,
     }
 
 
 # --- (d) Table-2 analogue --------------------------------------------------------------------------------
 
 
-def part_d(seeds: list[int], per_task: int, steps: int, lr: float, k: int) -> dict[str, Any]:
-    from metalora.data import Example, load_task
+def part_d(
+    seeds: list[int],
+    per_task: int,
+    steps: int,
+    lr: float,
+    k: int,
+    target_name: str = "arc_easy",
+    pool_tasks: Sequence[str] = ("sciq", "piqa", "siqa", "boolq"),
+    related: str = "sciq",
+    style: str = "letter_text",
+    val_batch: int = 2,
+    methods: Sequence[str] = ("plain (pool)", "reweight", "bm25", "dsir", "classifier", "mix"),
+) -> dict[str, Any]:
+    """Train on a pool of ``per_task`` training examples of each of ``pool_tasks`` (drawn per seed), validate
+    on 32 examples of ``target_name``'s dev split, test on its test split. ``related``: the pool task nearest
+    the target, whose share of each method's training data (of the learned weight, for reweighting) is
+    reported. Every method takes ``steps`` steps of ``TRAIN_BATCH``; a selection of k rows is repeated.
+    Reweighting scores each step against ``val_batch`` validation samples."""
+    from metalora.data import Example, TaskSpec, load_task
     from metalora.select import read_jsonl, select_jsonl, write_jsonl
+    from metalora.train.reweight import mean_sample_weights, read_weight_log
 
     torch.set_num_threads(1)
-    pool_tasks = ["sciq", "piqa", "siqa", "boolq"]
-    pool = [ex for name in pool_tasks for ex in load_task(name).train[:per_task]]
-    target = load_task("arc_easy")
+    tasks = {name: load_task(TaskSpec(name=name, mc_response=style)) for name in pool_tasks}
+    target = load_task(TaskSpec(name=target_name, mc_response=style))
     val_ex, test_ex = target.dev[:32], target.test
+
+    def accuracy(model, tok) -> float:
+        return mc_accuracy(model, tok, test_ex, max_length=EVAL_MAX_LEN, style=style)
+
+    def rows_of(examples) -> list[dict[str, str]]:
+        return [{"prompt": e.prompt, "response": e.response, "id": e.id, "task": e.task} for e in examples]
+
     base_model, tok = load_model(0)
-    zero_shot = mc_accuracy(base_model, tok, test_ex, max_length=EVAL_MAX_LEN)
+    zero_shot = accuracy(base_model, tok)
     print({"base model (no training)": zero_shot}, flush=True)
     del base_model
     rows = []
     for seed in seeds:
+        rng = random.Random(seed)
+        pool = [ex for name in pool_tasks for ex in rng.sample(tasks[name].train, per_task)]
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
-            write_jsonl(
-                [{"prompt": e.prompt, "response": e.response, "id": e.id, "task": e.task} for e in pool],
-                d / "pool.jsonl",
-            )
-            write_jsonl(
-                [{"prompt": e.prompt, "response": e.response, "id": e.id, "task": e.task} for e in val_ex],
-                d / "val.jsonl",
-            )
+            write_jsonl(rows_of(pool), d / "pool.jsonl")
+            write_jsonl(rows_of(val_ex), d / "val.jsonl")
             train_sets: dict[str, list] = {"plain (pool)": pool, "reweight": pool}
-            for method in ("bm25", "dsir", "classifier", "mix"):
+            for method in [m for m in ("bm25", "dsir", "classifier", "mix") if m in methods]:
                 kw = {"ratio": 10.0} if method == "mix" else {"k": k}
                 select_jsonl(
                     method, d / "pool.jsonl", d / "val.jsonl", d / f"{method}.jsonl", seed=seed, **kw
                 )
-                chosen = read_jsonl(d / f"{method}.jsonl")
                 train_sets[method] = [
                     Example(
                         prompt=r["prompt"],
@@ -508,9 +689,11 @@ def part_d(seeds: list[int], per_task: int, steps: int, lr: float, k: int) -> di
                         task=r.get("task", "x"),
                         id=str(r.get("id", i)),
                     )
-                    for i, r in enumerate(chosen)
+                    for i, r in enumerate(read_jsonl(d / f"{method}.jsonl"))
                 ]
             for method, examples in train_sets.items():
+                if method not in methods:
+                    continue
                 model, tok = load_model(seed)
                 feats = features(tok, examples, max_length=TRAIN_MAX_LEN)
                 t0 = time.perf_counter()
@@ -518,54 +701,71 @@ def part_d(seeds: list[int], per_task: int, steps: int, lr: float, k: int) -> di
                     train_rw(
                         model,
                         feats,
-                        features(tok, val_ex),
+                        features(tok, val_ex, max_length=TRAIN_MAX_LEN),
                         steps,
                         lr,
                         seed,
                         d / "rw",
                         tok.pad_token_id,
-                        val_batch_size=2,
+                        val_batch_size=val_batch,
                     )
+                    weights = mean_sample_weights(read_weight_log(d / "rw"))
+                    task_of = {f["sample_id"]: e.task for f, e in zip(feats, examples, strict=True)}
+                    mass = {i: v["mean_relative_weight"] * v["times_drawn"] for i, v in weights.items()}
+                    share = sum(v for i, v in mass.items() if task_of[i] == related) / sum(mass.values())
                 else:
                     train_plain(model, feats, steps, lr, seed, d / method.split()[0], tok.pad_token_id)
+                    share = sum(1 for e in examples if str(e.task) == related) / len(examples)
                 row = {
                     "seed": seed,
                     "method": method,
                     "train_size": len(feats),
-                    "arc_easy_test_acc": mc_accuracy(model, tok, test_ex, max_length=EVAL_MAX_LEN),
+                    "test_acc": accuracy(model, tok),
+                    f"share_{related}": share,
                     "train_s": time.perf_counter() - t0,
                 }
-                if method not in ("plain (pool)", "reweight"):
-                    row["from_sciq"] = sum(
-                        1 for e in examples if str(e.task) == "sciq" or "sciq" in e.id
-                    ) / len(examples)
                 rows.append(row)
                 print(row, flush=True)
     summary = []
     for method in dict.fromkeys(r["method"] for r in rows):
-        accs = [r["arc_easy_test_acc"] for r in rows if r["method"] == method]
+        accs = [r["test_acc"] for r in rows if r["method"] == method]
+        shares = [r[f"share_{related}"] for r in rows if r["method"] == method]
         summary.append(
             {
                 "method": method,
                 "mean_acc": float(np.mean(accs)),
                 "std_acc": float(np.std(accs)),
+                f"share_{related}": float(np.mean(shares)),
                 "seeds": len(accs),
             }
         )
-    summary.append({"method": "base model (no training)", "mean_acc": zero_shot, "std_acc": 0.0, "seeds": 1})
+    summary.append(
+        {
+            "method": "base model (no training)",
+            "mean_acc": zero_shot,
+            "std_acc": 0.0,
+            f"share_{related}": None,
+            "seeds": 1,
+        }
+    )
     print(
-        f"\n(d) Table-2 analogue: pool = {per_task} train each of {pool_tasks}; validation = 32 ARC-Easy dev; "
-        f"test = ARC-Easy test ({len(test_ex)}); {steps} steps of {TRAIN_BATCH}, lr {lr}; selection keeps k={k}"
+        f"\n(d) Table-2 analogue: pool = {per_task} train each of {list(pool_tasks)}; validation = 32 "
+        f"{target_name} dev; test = {target_name} test ({len(test_ex)}); {steps} steps of {TRAIN_BATCH}, "
+        f"lr {lr}; selection keeps k={k}; answers as {style}"
     )
     print(table(summary, list(summary[0])))
     return {
         "rows": rows,
         "summary": summary,
-        "pool_tasks": pool_tasks,
+        "target": target_name,
+        "pool_tasks": list(pool_tasks),
+        "related": related,
         "per_task": per_task,
         "steps": steps,
         "lr": lr,
         "k": k,
+        "mc_response": style,
+        "val_batch": val_batch,
     }
 
 
@@ -577,6 +777,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--d-steps", type=int, default=10)
+    parser.add_argument("--d-target", default="arc_easy", help="(d): validation (dev) and test task")
+    parser.add_argument("--d-pool", default="sciq,piqa,siqa,boolq", help="(d): the training pool's tasks")
+    parser.add_argument(
+        "--d-related", default=None, help="(d): pool task nearest the target (default: first)"
+    )
+    parser.add_argument("--d-per-task", type=int, default=20, help="(d): pool examples per task")
+    parser.add_argument("--d-k", type=int, default=24, help="(d): rows kept by BM25, DSIR, classifier")
+    parser.add_argument("--d-lr", type=float, default=None, help="(d): learning rate (default --lr)")
+    parser.add_argument("--d-val-batch", type=int, default=2, help="(d): validation samples per step")
+    parser.add_argument(
+        "--d-methods",
+        default="plain (pool),reweight,bm25,dsir,classifier,mix",
+        help="(d): comma-separated subset of the methods",
+    )
+    parser.add_argument("--d-name", default=None, help="(d): key of the result in reweight.json")
+    parser.add_argument("--d-mc-style", default="letter_text", choices=["letter_text", "letter", "text"])
     parser.add_argument(
         "--mc-style",
         default="letter_text",
@@ -588,6 +804,12 @@ def main() -> None:
     )
     parser.add_argument("--c-epochs", type=int, default=1, help="(c): passes over the noisy training set")
     parser.add_argument("--score", default="dot", choices=["dot", "cosine"], help="(c): reweighting score")
+    parser.add_argument("--c-task", default="sciq", help="(c): the built-in multiple-choice task to corrupt")
+    parser.add_argument("--c-val-batch", type=int, default=2, help="(c): validation samples per step")
+    parser.add_argument("--c-warm-steps", type=int, default=0, help="(c): clean warm-start steps")
+    parser.add_argument("--c-warm-lr", type=float, default=5e-4, help="(c): warm-start learning rate")
+    parser.add_argument("--probe-steps", default="0,10,20,40", help="(probe): checkpoints (steps)")
+    parser.add_argument("--c-name", default=None, help="(c): key of the result in reweight.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -607,11 +829,15 @@ def main() -> None:
                     (args.mc_style, "letter_text"),
                     (args.similarity, "low_rank"),
                     (args.score, "dot"),
+                    (args.c_task, "sciq"),
                 )
                 if v != default
             )
             + (f"_{args.c_epochs}epochs" if args.c_epochs > 1 else "")
+            + (f"_val{args.c_val_batch}" if args.c_val_batch != 2 else "")
+            + (f"_warm{args.c_warm_steps}" if args.c_warm_steps else "")
         )
+        key = args.c_name or key
         results[key] = part_c(
             seeds,
             n_train=args.steps * TRAIN_BATCH,
@@ -621,9 +847,39 @@ def main() -> None:
             similarity=args.similarity,
             epochs=args.c_epochs,
             score=args.score,
+            task_name=args.c_task,
+            val_batch=args.c_val_batch,
+            warm_steps=args.c_warm_steps,
+            warm_lr=args.c_warm_lr,
+        )
+    if "probe" in parts:
+        key = f"c_probe_{args.c_task}" + (f"_warm{args.c_warm_steps}" if args.c_warm_steps else "")
+        results[args.c_name or key] = part_c_probe(
+            seeds,
+            n_train=args.steps * TRAIN_BATCH,
+            checkpoints=[int(c) for c in args.probe_steps.split(",")],
+            lr=args.lr,
+            task_name=args.c_task,
+            style=args.mc_style,
+            warm_steps=args.c_warm_steps,
+            warm_lr=args.c_warm_lr,
         )
     if "d" in parts:
-        results["d_table2"] = part_d(seeds, per_task=20, steps=args.d_steps, lr=args.lr, k=24)
+        pool = args.d_pool.split(",")
+        key = args.d_name or ("d_table2" if args.d_target == "arc_easy" else f"d_table2_{args.d_target}")
+        results[key] = part_d(
+            seeds,
+            per_task=args.d_per_task,
+            steps=args.d_steps,
+            lr=args.d_lr or args.lr,
+            k=args.d_k,
+            target_name=args.d_target,
+            pool_tasks=pool,
+            related=args.d_related or pool[0],
+            style=args.d_mc_style,
+            val_batch=args.d_val_batch,
+            methods=args.d_methods.split(","),
+        )
     previous = json.loads(path.read_text()) if path.exists() else {}  # parts may run as separate processes
     print(f"\nwrote {save('reweight', {**previous, **results})}")
 
