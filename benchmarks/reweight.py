@@ -21,7 +21,7 @@
 
 The settings in ``docs/benchmarks.md`` were run with, besides the defaults:
     --parts c --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40 --c-epochs 2
-    --parts probe --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40
+    --parts probe --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40 --probe-steps 0,40,80,160
     --parts d --d-target sst2 --d-pool sst2,siqa,piqa,boolq --d-per-task 40 --d-k 40 --d-steps 20 --lr 5e-4
         --d-mc-style text
 
@@ -506,13 +506,11 @@ def part_c(
     }
 
 
-def _plain_steps(model, feats, steps: int, lr: float, rng, pad: int) -> None:
-    """``steps`` AdamW steps of plain LoRA on random batches of ``TRAIN_BATCH`` (a fresh optimizer)."""
-    from metalora.adapters import adapter_parameters
+def _plain_steps(model, opt: torch.optim.Optimizer, feats, steps: int, rng, pad: int) -> None:
+    """``steps`` steps of ``opt`` (plain LoRA) on random batches of ``TRAIN_BATCH``."""
     from metalora.data import collate
     from metalora.train.reweight import forward_losses
 
-    opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
         batch = collate([feats[i] for i in rng.choice(len(feats), TRAIN_BATCH, replace=False)], pad)
         forward_losses(model, batch)[0].mean().backward()
@@ -548,6 +546,18 @@ def label_separation(given: list[int], score: torch.Tensor) -> float:
     return max(auc, 1 - auc)
 
 
+def within_label_auc(clean: list[int], given: list[int], score: torch.Tensor) -> float:
+    """Mean over the two *given* answers of a binary task of the clean-vs-corrupted AUC among the samples
+    that carry that answer: the noise signal left once the label itself is held fixed."""
+    from metalora.eval.metrics import auc_roc
+
+    aucs = []
+    for answer in (0, 1):
+        rows = [i for i, g in enumerate(given) if g == answer]
+        aucs.append(auc_roc([clean[i] for i in rows], score[rows].tolist()))
+    return float(np.mean(aucs))
+
+
 def part_c_probe(
     seeds: list[int],
     n_train: int,
@@ -564,6 +574,7 @@ def part_c_probe(
     mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
     approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
     cosine, and of −ℓ_i (the small-loss criterion, for comparison) is reported with held-out accuracy."""
+    from metalora.adapters import adapter_parameters
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
 
@@ -582,13 +593,18 @@ def part_c_probe(
 
         if warm_steps:
             clean = task.train[n_train : n_train + warm_steps * TRAIN_BATCH]
-            _plain_steps(model, features(tok, clean, max_length=TRAIN_MAX_LEN), warm_steps, warm_lr, rng, pad)
+            warm_opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=warm_lr, weight_decay=0.0)
+            _plain_steps(
+                model, warm_opt, features(tok, clean, max_length=TRAIN_MAX_LEN), warm_steps, rng, pad
+            )
+        # one optimizer for the whole run, so the checkpoints do not change the trajectory
+        opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=lr, weight_decay=0.0)
         feats = features(tok, train_ex, max_length=TRAIN_MAX_LEN)
         val = features(tok, task.dev[:32], max_length=TRAIN_MAX_LEN)
 
         done = 0
         for checkpoint in checkpoints:
-            _plain_steps(model, feats, checkpoint - done, lr, rng, pad)
+            _plain_steps(model, opt, feats, checkpoint - done, rng, pad)
             done = checkpoint
             g_train, loss_train = _exact_sample_grads(model, feats, pad)
             g_val, loss_val = _exact_sample_grads(model, val, pad)
@@ -606,6 +622,7 @@ def part_c_probe(
                     "auc_cosine": auc_roc(labels, cosine.tolist()),
                     "auc_neg_loss": auc_roc(labels, (-loss_train).tolist()),
                     "label_separation_dot": label_separation(given, dot) if n_options == 2 else None,
+                    "auc_dot_within_label": within_label_auc(labels, given, dot) if n_options == 2 else None,
                     "frac_dot_positive_clean": float((dot[torch.tensor(labels) == 1] > 0).double().mean()),
                     "frac_dot_positive_corrupt": float((dot[torch.tensor(labels) == 0] > 0).double().mean()),
                 }
