@@ -21,7 +21,7 @@
 
 The settings in ``docs/benchmarks.md`` were run with, besides the defaults:
     --parts c --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40 --c-epochs 2
-    --parts probe --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40 --probe-steps 0,40,80,160
+    --parts probe --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40
     --parts d --d-target sst2 --d-pool sst2,siqa,piqa,boolq --d-per-task 40 --d-k 40 --d-steps 20 --lr 5e-4
         --d-mc-style text
 
@@ -825,7 +825,8 @@ def main() -> None:
     parser.add_argument("--c-val-batch", type=int, default=2, help="(c): validation samples per step")
     parser.add_argument("--c-warm-steps", type=int, default=0, help="(c): clean warm-start steps")
     parser.add_argument("--c-warm-lr", type=float, default=5e-4, help="(c): warm-start learning rate")
-    parser.add_argument("--probe-steps", default="0,10,20,40", help="(probe): checkpoints (steps)")
+    parser.add_argument("--probe-steps", default="0,40,80,160", help="(probe): checkpoints (steps)")
+    parser.add_argument("--probe-name", default=None, help="(probe): key of the result in reweight.json")
     parser.add_argument("--c-name", default=None, help="(c): key of the result in reweight.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -871,7 +872,7 @@ def main() -> None:
         )
     if "probe" in parts:
         key = f"c_probe_{args.c_task}" + (f"_warm{args.c_warm_steps}" if args.c_warm_steps else "")
-        results[args.c_name or key] = part_c_probe(
+        results[args.probe_name or key] = part_c_probe(
             seeds,
             n_train=args.steps * TRAIN_BATCH,
             checkpoints=[int(c) for c in args.probe_steps.split(",")],
