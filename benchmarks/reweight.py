@@ -569,7 +569,8 @@ def part_c_probe(
     warm_lr: float = 5e-4,
 ) -> dict[str, Any]:
     """Is the label-noise signal in the gradients at all? Plain LoRA trains on the noisy set (batches of
-    ``TRAIN_BATCH`` drawn at random; optionally after a clean warm start as in (c)); at each checkpoint the
+    ``TRAIN_BATCH`` drawn at random; optionally after a warm start of (c)'s recipe — same clean examples,
+    steps and rate, its own batch order, so not (c)'s adapter); at each checkpoint the
     exact per-sample gradient ∇ℓ_i of every training sample (``PerSampleLoRAGrads``) is scored against the
     mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
     approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
@@ -584,6 +585,7 @@ def part_c_probe(
     for seed in seeds:
         train_ex, is_bad = corrupt(task.train[:n_train], 0.3, seed, style)
         labels = [0 if b else 1 for b in is_bad]
+        is_clean = torch.tensor(labels, dtype=torch.bool)
         given = [int(ex.answer == 1) for ex in train_ex]
         n_options = max(len(ex.options) for ex in train_ex)
         model, tok = load_model(seed)
@@ -623,8 +625,8 @@ def part_c_probe(
                     "auc_neg_loss": auc_roc(labels, (-loss_train).tolist()),
                     "label_separation_dot": label_separation(given, dot) if n_options == 2 else None,
                     "auc_dot_within_label": within_label_auc(labels, given, dot) if n_options == 2 else None,
-                    "frac_dot_positive_clean": float((dot[torch.tensor(labels) == 1] > 0).double().mean()),
-                    "frac_dot_positive_corrupt": float((dot[torch.tensor(labels) == 0] > 0).double().mean()),
+                    "frac_dot_positive_clean": float((dot[is_clean] > 0).double().mean()),
+                    "frac_dot_positive_corrupt": float((dot[~is_clean] > 0).double().mean()),
                 }
             )
             print(rows[-1], flush=True)
