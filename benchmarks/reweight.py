@@ -1,4 +1,6 @@
-"""META-LoRA reweighting on SmolLM2-135M with real built-in data: memory, step time, noisy labels, Table 2.
+"""META-LoRA reweighting with real built-in data: memory, step time, noisy labels, Table 2.
+
+On SmolLM2-135M, or the model named by ``--model`` (an embedded name, HF name or path).
 
     python benchmarks/reweight.py [--parts a,b,c,probe,d] [--seeds 0,1]
 
@@ -24,6 +26,8 @@ The settings in ``docs/benchmarks.md`` were run with, besides the defaults:
     --parts probe --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40
     --parts d --d-target sst2 --d-pool sst2,siqa,piqa,boolq --d-per-task 40 --d-k 40 --d-steps 20 --lr 5e-4
         --d-mc-style text
+
+    (c) and the probe again with --model gemma3-270m (keys get the model's name)
 
 Scale (2 shared CPU cores): LoRA r=16 on q,k,v,o, sequences ≤ 128 tokens, tens of steps. Prints tables,
 writes ``benchmarks/results/reweight.json``.
@@ -58,7 +62,8 @@ from common import (  # noqa: E402
     table,
 )
 
-MODEL = "smollm2-135m"
+MODEL_ENV = "METALORA_BENCH_MODEL"  # --model sets it, so the fresh processes of (a) load the same model
+MODEL = os.environ.get(MODEL_ENV, "smollm2-135m")
 MAX_LEN = 128  # (a), (b); (c) and (d) train at TRAIN_MAX_LEN
 TRAIN_MAX_LEN = 64
 EVAL_MAX_LEN = 160  # (d) scores ARC-Easy options with the whole question (forward only)
@@ -379,6 +384,19 @@ def corrupt(examples, fraction: float, seed: int, style: str = "letter_text"):
     return out, [i in bad for i in range(len(examples))]
 
 
+def warm_start(model, tok, task, n_train: int, steps: int, lr: float, seed: int, style: str) -> float:
+    """Train ``model``'s adapter in place (plain LoRA, ``steps`` steps at ``lr``) on clean training examples
+    disjoint from the first ``n_train`` (the noisy ones); its held-out accuracy. One function for (c) and
+    the probe, so at one seed both start from the same adapter."""
+    clean = task.train[n_train : n_train + steps * TRAIN_BATCH]
+    with tempfile.TemporaryDirectory() as d:
+        feats = features(tok, clean, max_length=TRAIN_MAX_LEN)
+        train_plain(model, feats, steps, lr, seed, Path(d), tok.pad_token_id)
+    acc = mc_accuracy(model, tok, task.test, style=style)
+    print({"seed": seed, "warm_start_acc": acc, "clean_examples": len(clean)}, flush=True)
+    return acc
+
+
 def part_c(
     seeds: list[int],
     n_train: int,
@@ -415,13 +433,8 @@ def part_c(
         warm_state, warm_acc = None, None
         if warm_steps:
             model, tok = load_model(seed)
-            clean = task.train[n_train : n_train + warm_steps * TRAIN_BATCH]
-            with tempfile.TemporaryDirectory() as d:
-                feats = features(tok, clean, max_length=TRAIN_MAX_LEN)
-                train_plain(model, feats, warm_steps, warm_lr, seed, Path(d), tok.pad_token_id)
+            warm_acc = warm_start(model, tok, task, n_train, warm_steps, warm_lr, seed, style)
             warm_state = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
-            warm_acc = mc_accuracy(model, tok, task.test, style=style)
-            print({"seed": seed, "warm_start_acc": warm_acc, "clean_examples": len(clean)}, flush=True)
         for method in ("plain", "reweight"):
             model, tok = load_model(seed)
             if warm_state is not None:
@@ -503,6 +516,7 @@ def part_c(
         "val_batch": val_batch,
         "warm_steps": warm_steps,
         "warm_lr": warm_lr,
+        "model": MODEL,
     }
 
 
@@ -569,8 +583,8 @@ def part_c_probe(
     warm_lr: float = 5e-4,
 ) -> dict[str, Any]:
     """Is the label-noise signal in the gradients at all? Plain LoRA trains on the noisy set (batches of
-    ``TRAIN_BATCH`` drawn at random; optionally after a warm start of (c)'s recipe — same clean examples,
-    steps and rate, its own batch order, so not (c)'s adapter); at each checkpoint the
+    ``TRAIN_BATCH`` drawn at random; optionally after (c)'s warm start, the same adapter at the same seed);
+    at each checkpoint the
     exact per-sample gradient ∇ℓ_i of every training sample (``PerSampleLoRAGrads``) is scored against the
     mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
     approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
@@ -589,16 +603,13 @@ def part_c_probe(
         given = [int(ex.answer == 1) for ex in train_ex]
         n_options = max(len(ex.options) for ex in train_ex)
         model, tok = load_model(seed)
-        nudge_b(model, 1e-3, seed)  # B = 0 would make every adapter-A gradient zero at checkpoint 0
         pad = tok.pad_token_id
         rng = np.random.default_rng(seed)
-
-        if warm_steps:
-            clean = task.train[n_train : n_train + warm_steps * TRAIN_BATCH]
-            warm_opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=warm_lr, weight_decay=0.0)
-            _plain_steps(
-                model, warm_opt, features(tok, clean, max_length=TRAIN_MAX_LEN), warm_steps, rng, pad
-            )
+        warm_acc = None
+        if warm_steps:  # (c)'s warm start: at one seed, the same adapter as (c)'s
+            warm_acc = warm_start(model, tok, task, n_train, warm_steps, warm_lr, seed, style)
+        else:
+            nudge_b(model, 1e-3, seed)  # B = 0 would make every adapter-A gradient zero at checkpoint 0
         # one optimizer for the whole run, so the checkpoints do not change the trajectory
         opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=lr, weight_decay=0.0)
         feats = features(tok, train_ex, max_length=TRAIN_MAX_LEN)
@@ -617,6 +628,7 @@ def part_c_probe(
                 {
                     "seed": seed,
                     "step": checkpoint,
+                    "acc_warm_start": warm_acc,
                     "test_acc": mc_accuracy(model, tok, task.test, style=style),
                     "train_loss": float(loss_train.mean()),
                     "val_loss": float(loss_val.mean()),
@@ -644,6 +656,7 @@ def part_c_probe(
         "warm_steps": warm_steps,
         "warm_lr": warm_lr,
         "mc_response": style,
+        "model": MODEL,
     }
 
 
@@ -830,8 +843,17 @@ def main() -> None:
     parser.add_argument("--probe-steps", default="0,40,80,160", help="(probe): checkpoints (steps)")
     parser.add_argument("--probe-name", default=None, help="(probe): key of the result in reweight.json")
     parser.add_argument("--c-name", default=None, help="(c): key of the result in reweight.json")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="embedded name or HF path (default smollm2-135m); (c) and probe keys get it",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    global MODEL
+    if args.model:
+        MODEL = os.environ[MODEL_ENV] = args.model
+    model_suffix = "" if MODEL == "smollm2-135m" else "_" + MODEL.replace("/", "_").replace("-", "_")
     seeds = [int(s) for s in args.seeds.split(",")]
     path = Path(__file__).resolve().parent / "results" / "reweight.json"
     results: dict[str, Any] = {"machine": machine()}
@@ -857,7 +879,7 @@ def main() -> None:
             + (f"_val{args.c_val_batch}" if args.c_val_batch != 2 else "")
             + (f"_warm{args.c_warm_steps}" if args.c_warm_steps else "")
         )
-        key = args.c_name or key
+        key = args.c_name or key + model_suffix
         results[key] = part_c(
             seeds,
             n_train=args.steps * TRAIN_BATCH,
@@ -874,7 +896,7 @@ def main() -> None:
         )
     if "probe" in parts:
         key = f"c_probe_{args.c_task}" + (f"_warm{args.c_warm_steps}" if args.c_warm_steps else "")
-        results[args.probe_name or key] = part_c_probe(
+        results[args.probe_name or key + model_suffix] = part_c_probe(
             seeds,
             n_train=args.steps * TRAIN_BATCH,
             checkpoints=[int(c) for c in args.probe_steps.split(",")],
