@@ -16,7 +16,8 @@ On SmolLM2-135M, or the model named by ``--model`` (an embedded name, HF name or
     trained on clean, disjoint examples;
 (probe) the best case of the score on the (c) data: exact per-sample gradients against the mean gradient
     of the whole validation set at checkpoints of plain training; AUC of the dot product, its cosine and
-    the loss, and how well the dot product separates the *given* labels of a binary task;
+    the loss, and how well the dot product separates the *given* labels of a binary task; the same
+    gradients scored against our validation directions (``--val-balance``, ``--shared-direction`` in (c));
 (d) a small Table-2 analogue: a mixed pool of four tasks, validation on the target's dev split, test on
     its test split (``--d-target``, ARC-Easy by default; ``--d-pool``); plain LoRA on the pool,
     reweighting, and the selection baselines (BM25, DSIR, classifier, MIX).
@@ -28,6 +29,8 @@ The settings in ``docs/benchmarks.md`` were run with, besides the defaults:
         --d-mc-style text
 
     (c) and the probe again with --model gemma3-270m (keys get the model's name)
+    (c) with our validation-direction options: the first line plus --c-val-batch 8 (and 32) --score cosine
+        --val-balance answer --shared-direction remove; its control: --c-val-batch 8 alone
 
 Scale (2 shared CPU cores): LoRA r=16 on q,k,v,o, sequences ≤ 128 tokens, tens of steps. Prints tables,
 writes ``benchmarks/results/reweight.json``.
@@ -410,6 +413,8 @@ def part_c(
     val_batch: int = 2,
     warm_steps: int = 0,
     warm_lr: float = 5e-4,
+    val_balance: str = "none",
+    shared_direction: str = "keep",
 ) -> dict[str, Any]:
     """``style``: how answers are written (``letter_text`` " B. <option>", or cloze ``text`` " <option>", where
     the whole loss sits on the answer's content and accuracy is length-normalised); ``similarity``: the
@@ -418,7 +423,8 @@ def part_c(
     weights of the later passes only, when the adapter has learned from the clean majority. ``warm_steps``:
     both methods start from one adapter first trained (plain LoRA, ``warm_lr``) for that many steps on
     clean training examples disjoint from the noisy ones, a stand-in for a model that already knows the
-    task (the premise of gradient-agreement reweighting: the validation gradient carries the task)."""
+    task (the premise of gradient-agreement reweighting: the validation gradient carries the task).
+    ``val_balance``, ``shared_direction``: our validation-direction options (``metalora.train.val_direction``)."""
     from metalora.adapters import adapter_parameters
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
@@ -460,6 +466,8 @@ def part_c(
                         val_batch_size=val_batch,
                         similarity=similarity,
                         score=score,
+                        val_balance=val_balance,
+                        shared_direction=shared_direction,
                     )
                     records = read_weight_log(d)
                     weights = mean_sample_weights(records)
@@ -516,6 +524,8 @@ def part_c(
         "val_batch": val_batch,
         "warm_steps": warm_steps,
         "warm_lr": warm_lr,
+        "val_balance": val_balance,
+        "shared_direction": shared_direction,
         "model": MODEL,
     }
 
@@ -572,6 +582,23 @@ def within_label_auc(clean: list[int], given: list[int], score: torch.Tensor) ->
     return float(np.mean(aucs))
 
 
+def answer_balanced_direction(g_val: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Mean over the validation answers a of the unit vector of mean_{v: answer a} ∇ℓ_v: every answer
+    pulls with the same strength, so the validation set's net residual on the label drops out."""
+    units = []
+    for a in answers.unique():
+        m = g_val[answers == a].mean(0)
+        units.append(m / m.norm().clamp_min(1e-30))
+    return torch.stack(units).mean(0)
+
+
+def without_top_direction(direction: torch.Tensor, g_val: torch.Tensor) -> torch.Tensor:
+    """``direction`` minus its component along the top right-singular vector of the per-sample validation
+    gradients (the direction every sample shares, whatever its input)."""
+    top = torch.linalg.svd(g_val, full_matrices=False).Vh[0]
+    return direction - (direction @ top) * top
+
+
 def part_c_probe(
     seeds: list[int],
     n_train: int,
@@ -588,7 +615,9 @@ def part_c_probe(
     exact per-sample gradient ∇ℓ_i of every training sample (``PerSampleLoRAGrads``) is scored against the
     mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
     approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
-    cosine, and of −ℓ_i (the small-loss criterion, for comparison) is reported with held-out accuracy."""
+    cosine, and of −ℓ_i (the small-loss criterion, for comparison) is reported with held-out accuracy,
+    and so are the scores against our two validation directions (``metalora.train.val_direction``, here
+    in their explicit-vector form: ``answer_balanced_direction``, ``without_top_direction``)."""
     from metalora.adapters import adapter_parameters
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
@@ -614,6 +643,7 @@ def part_c_probe(
         opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=lr, weight_decay=0.0)
         feats = features(tok, train_ex, max_length=TRAIN_MAX_LEN)
         val = features(tok, task.dev[:32], max_length=TRAIN_MAX_LEN)
+        val_answers = torch.tensor([ex.answer for ex in task.dev[:32]])
 
         done = 0
         for checkpoint in checkpoints:
@@ -623,6 +653,11 @@ def part_c_probe(
             g_val, loss_val = _exact_sample_grads(model, val, pad)
             dot = g_train @ g_val.mean(0)
             cosine = dot / g_train.norm(dim=1).clamp_min(1e-30)
+            norms = g_train.norm(dim=1).clamp_min(1e-30)
+            balanced = g_train @ answer_balanced_direction(g_val, val_answers)
+            unit_val = g_val / g_val.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            val_normalized = g_train @ unit_val.mean(0)
+            pc_removed = g_train @ without_top_direction(g_val.mean(0), g_val)
 
             rows.append(
                 {
@@ -635,6 +670,17 @@ def part_c_probe(
                     "auc_dot": auc_roc(labels, dot.tolist()),
                     "auc_cosine": auc_roc(labels, cosine.tolist()),
                     "auc_neg_loss": auc_roc(labels, (-loss_train).tolist()),
+                    "auc_answer_balanced": auc_roc(labels, balanced.tolist()),
+                    "auc_val_normalized": auc_roc(labels, val_normalized.tolist()),
+                    "auc_answer_balanced_cosine": auc_roc(labels, (balanced / norms).tolist()),
+                    "auc_pc_removed": auc_roc(labels, pc_removed.tolist()),
+                    "auc_pc_removed_cosine": auc_roc(labels, (pc_removed / norms).tolist()),
+                    "label_separation_pc_removed": label_separation(given, pc_removed)
+                    if n_options == 2
+                    else None,
+                    "label_separation_balanced": label_separation(given, balanced)
+                    if n_options == 2
+                    else None,
                     "label_separation_dot": label_separation(given, dot) if n_options == 2 else None,
                     "auc_dot_within_label": within_label_auc(labels, given, dot) if n_options == 2 else None,
                     "frac_dot_positive_clean": float((dot[is_clean] > 0).double().mean()),
@@ -840,6 +886,10 @@ def main() -> None:
     parser.add_argument("--c-val-batch", type=int, default=2, help="(c): validation samples per step")
     parser.add_argument("--c-warm-steps", type=int, default=0, help="(c): clean warm-start steps")
     parser.add_argument("--c-warm-lr", type=float, default=5e-4, help="(c): warm-start learning rate")
+    parser.add_argument("--val-balance", default="none", choices=["none", "answer"], help="(c): our option")
+    parser.add_argument(
+        "--shared-direction", default="keep", choices=["keep", "remove"], help="(c): our option"
+    )
     parser.add_argument("--probe-steps", default="0,40,80,160", help="(probe): checkpoints (steps)")
     parser.add_argument("--probe-name", default=None, help="(probe): key of the result in reweight.json")
     parser.add_argument("--c-name", default=None, help="(c): key of the result in reweight.json")
@@ -872,6 +922,8 @@ def main() -> None:
                     (args.similarity, "low_rank"),
                     (args.score, "dot"),
                     (args.c_task, "sciq"),
+                    ("balanced", "balanced" if args.val_balance == "none" else ""),
+                    ("unshared", "unshared" if args.shared_direction == "keep" else ""),
                 )
                 if v != default
             )
@@ -893,6 +945,8 @@ def main() -> None:
             val_batch=args.c_val_batch,
             warm_steps=args.c_warm_steps,
             warm_lr=args.c_warm_lr,
+            val_balance=args.val_balance,
+            shared_direction=args.shared_direction,
         )
     if "probe" in parts:
         key = f"c_probe_{args.c_task}" + (f"_warm{args.c_warm_steps}" if args.c_warm_steps else "")

@@ -19,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "low_rank_fused": {},
     "dense_two_backward_mean": {"similarity": "dense", "scheme": "two_backward", "val_aggregation": "mean"},
+    "low_rank_directed": {"val_balance": "answer", "shared_direction": "remove", "score": "cosine"},
+    "exact_directed": {"similarity": "exact", "val_balance": "answer", "shared_direction": "remove"},
 }
 
 
@@ -72,7 +74,7 @@ def test_two_processes_equal_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for name, overrides in CONFIGS.items():
         single, single_w = train(tmp_path / "single" / name, overrides)
-        multi = torch.load(tmp_path / "ddp" / name / "final.pt")
+        multi = torch.load(tmp_path / "ddp" / name / "final.pt", weights_only=True)
         multi_w = [
             json.loads(line) for line in (tmp_path / "ddp" / name / "weights.jsonl").read_text().splitlines()
         ]

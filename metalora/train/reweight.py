@@ -29,6 +29,7 @@ option (all in ``ReweightConfig``):
 | token reduction | response positions only | ``positions="all"``: mean over all positions, padding and prompt |
 | negative u | clipped to 0 | ``negative="shift"``: u − 2·min(u) when min(u) < 0 |
 | score scale | u as defined | (neither) ``score="cosine"``: u_i / ‖∇ℓ_i‖, our option |
+| validation direction | ∇ of the mean validation loss | (neither) ``val_balance="answer"``, ``shared_direction="remove"``: our options (``val_direction``) |
 | first step | weighted; Σ max(u,0) ≤ δ (B = 0 ⇒ g = 0) falls back to uniform w, recorded | ``unweighted_first_step=True`` |
 | validation loss | only scores samples | ``val_step_every=N``: an AdamW step on the validation loss every N steps |
 | validation statistics | per validation sample, then the mean of the products | ``val_aggregation="mean"``: means first, then one product |
@@ -65,6 +66,7 @@ from metalora.adapters import adapter_parameters, is_task_routed, task_ids
 from metalora.data.tokenize import per_sample_loss
 from metalora.train import distributed as dist_utils
 from metalora.train import similarity as sim
+from metalora.train import val_direction
 from metalora.train.batching import Feature, count_tokens, micro_batches
 from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, StepOutput
@@ -97,6 +99,13 @@ class ReweightConfig:
     """Token reduction: ``response`` (paper), ``nonpad``, ``all`` (published code: mean over every position)."""
     val_aggregation: str = "per_sample"
     """``per_sample`` (mean over v of the products) or ``mean`` (published code: product of the means)."""
+    val_balance: str = "none"
+    """``none`` (paper) or ``answer`` (our option): validation samples grouped by answer, each answer pulls
+    with unit strength, so the validation batch's net residual on the answer drops out of u
+    (``val_direction``; needs ``val_aggregation="per_sample"``)."""
+    shared_direction: str = "keep"
+    """``keep`` (paper) or ``remove`` (our option): the validation gradients' top principal direction, the
+    one all inputs share, is projected out of the validation direction (``val_direction``)."""
     score: str = "dot"
     """``dot`` u_i = Σ_l (ā_i·ā_v)(ĝ_i·ĝ_v) (paper) or ``cosine``: u_i / ‖∇ℓ_i‖ (our option, not in the
     paper or its code: the direction of a sample's gradient, not its size, decides its weight)."""
@@ -137,6 +146,22 @@ class ReweightConfig:
                 "val_aggregation",
                 self.val_aggregation in sim.VAL_AGGREGATIONS,
                 f"one of {sim.VAL_AGGREGATIONS}",
+            ),
+            (
+                "val_balance",
+                self.val_balance in val_direction.VAL_BALANCES,
+                f"one of {val_direction.VAL_BALANCES}",
+            ),
+            (
+                "shared_direction",
+                self.shared_direction in val_direction.SHARED_DIRECTIONS,
+                f"one of {val_direction.SHARED_DIRECTIONS}",
+            ),
+            (
+                "val_aggregation",
+                self.val_aggregation == "per_sample"
+                or val_direction.is_default(self.val_balance, self.shared_direction),
+                "'per_sample' with val_balance or shared_direction (they weight single validation samples)",
             ),
             ("score", self.score in sim.SCORES, f"one of {sim.SCORES}"),
             ("negative", self.negative in sim.NEGATIVES, f"one of {sim.NEGATIVES}"),
@@ -227,6 +252,10 @@ class ValidationStats:
     loss: float
     """L_V."""
     size: int
+    coefficients: torch.Tensor | None = None
+    """β [|V|] of ``val_direction`` (float64), or None for the paper's β = 1/|V|."""
+    per_sample: torch.Tensor | None = None
+    """``exact`` with β: [|V|, P] float64 per-sample gradients of the selected adapter tensors."""
 
 
 def validation_stats(
@@ -235,10 +264,16 @@ def validation_stats(
     config: ReweightConfig,
     total: int,
     context: ForwardContext | None = None,
+    groups: Sequence[int] | None = None,
 ) -> ValidationStats:
-    """Forward/backward of this rank's share of V; statistics combined over ranks (``total`` = global |V|)."""
+    """Forward/backward of this rank's share of V; statistics combined over ranks (``total`` = global |V|).
+
+    ``groups``: the answer group of every global validation sample (``val_direction.answer_groups``), for
+    ``val_balance="answer"``."""
     context = context or default_context(model)
     params = adapter_parameters(model)
+    directed = not val_direction.is_default(config.val_balance, config.shared_direction)
+    per_sample = None
     capture = (
         None
         if config.similarity == "exact"
@@ -249,7 +284,13 @@ def validation_stats(
     weights = sim.position_weights(val_batch["labels"], val_batch["attention_mask"], config.positions)
     with context(val_batch), capture.capture(weights) if capture else contextlib.nullcontext():
         losses, _ = forward_losses(model, val_batch)
-        grad = _grads(losses.sum(), params)  # Σ_v ℓ_v: every sample's own ∂ℓ_v at the sites
+        if directed and config.similarity == "exact":
+            rows = sim.per_sample_grads(losses, params)
+            grad = {n: g.sum(0) for n, g in rows.items()}
+            chosen = sim.selected_parameters(model, config.modules)
+            per_sample = torch.cat([rows[n].flatten(1).to(torch.float64) for n in chosen], 1)
+        else:
+            grad = _grads(losses.sum(), params)  # Σ_v ℓ_v: every sample's own ∂ℓ_v at the sites
     tensors = list(grad.values())
     dist_utils.all_reduce_sum_(tensors)
     grad = {n: g / total for n, g in grad.items()}
@@ -260,7 +301,19 @@ def validation_stats(
             n: sim.SiteStats(gather_rows(s.a, total), gather_rows(s.g, total))
             for n, s in capture.stats().items()
         }
-    return ValidationStats(stats=stats, grad=grad, loss=loss, size=total)
+    coefficients = None
+    if directed:
+        if per_sample is not None:
+            per_sample = gather_rows(per_sample, total)
+            gram = per_sample @ per_sample.T
+        else:
+            gram = sim.similarity_matrix(stats, stats)
+        coefficients = val_direction.validation_coefficients(
+            gram, groups, config.val_balance, config.shared_direction
+        )
+    return ValidationStats(
+        stats=stats, grad=grad, loss=loss, size=total, coefficients=coefficients, per_sample=per_sample
+    )
 
 
 # --- 2–4. the reweighted gradient -----------------------------------------------------------------------
@@ -339,15 +392,23 @@ def reweighted_gradient(
         # 3. scores of this rank's samples, weights over the global batch
         if scheme == "exact":
             chosen = sim.selected_parameters(model, config.modules)
-            u_local = sum(
-                (per_sample[n].flatten(1).to(torch.float64) @ val.grad[n].flatten().to(torch.float64))
-                for n in chosen
-            )
+            if val.coefficients is not None:  # ⟨∇ℓ_i, Σ_v β_v ∇ℓ_v⟩
+                assert val.per_sample is not None
+                mine = torch.cat([per_sample[n].flatten(1).to(torch.float64) for n in chosen], 1)
+                direction = val.coefficients.to(val.per_sample) @ val.per_sample
+                u_local = mine @ direction.to(mine.device)
+            else:
+                u_local = sum(
+                    (per_sample[n].flatten(1).to(torch.float64) @ val.grad[n].flatten().to(torch.float64))
+                    for n in chosen
+                )
             if config.score == "cosine":
                 norms = sum(per_sample[n].flatten(1).to(torch.float64).pow(2).sum(1) for n in chosen).sqrt()
                 u_local = sim.cosine_scores(u_local, norms)
         else:
-            u_local = sim.similarity_scores(capture.stats(), val.stats, config.val_aggregation)
+            u_local = sim.similarity_scores(
+                capture.stats(), val.stats, config.val_aggregation, val.coefficients
+            )
             if config.score == "cosine":
                 u_local = sim.cosine_scores(u_local, sim.sample_norms(capture.stats()))
         u = gather_rows(u_local.to(losses.device), total)
@@ -443,7 +504,12 @@ class Reweighter:
             _check_shardable(len(self.val_features), "validation batch size")
             engine.zero_grad()
             self.val = validation_stats(
-                engine.model, self._collate(self.val_features), cfg, len(self.val_features), self.context
+                engine.model,
+                self._collate(self.val_features),
+                cfg,
+                len(self.val_features),
+                self.context,
+                groups=val_direction.answer_groups(self.val_features),
             )
             samples, tokens = len(self.val_features), count_tokens(self.val_features)
             if cfg.val_step_every and step % cfg.val_step_every == 0:

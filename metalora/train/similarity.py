@@ -216,21 +216,43 @@ class StatCapture:
 # --- scores and weights -------------------------------------------------------------------------------
 
 
+def similarity_matrix(train: dict[str, SiteStats], val: dict[str, SiteStats]) -> torch.Tensor:
+    """S [B, |V|] (float64): S_iv = Σ_l (ā_i·ā_v)(ĝ_i·ĝ_v), the rank-one estimate of ⟨∇ℓ_i, ∇ℓ_v⟩.
+    ``similarity_matrix(val, val)`` is the validation Gram matrix (``val_direction``)."""
+    if train.keys() != val.keys():
+        raise ValueError("train and validation statistics come from different sites")
+    s = None
+    for name, t in train.items():
+        v = val[name]
+        term = (t.a @ v.a.T) * (t.g @ v.g.T)
+        s = term if s is None else s + term
+    assert s is not None, "no similarity sites"
+    return s
+
+
 def similarity_scores(
-    train: dict[str, SiteStats], val: dict[str, SiteStats], aggregation: str = "per_sample"
+    train: dict[str, SiteStats],
+    val: dict[str, SiteStats],
+    aggregation: str = "per_sample",
+    coefficients: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """u [B] (float64) from per-sample train and validation statistics (formulas in the module doc)."""
+    """u [B] (float64) from per-sample train and validation statistics (formulas in the module doc).
+
+    ``coefficients``: β [|V|] of ``val_direction`` (per-sample aggregation only), u = S β; None is the
+    paper's β = 1/|V|."""
     if aggregation not in VAL_AGGREGATIONS:
         raise ValueError(f"val_aggregation={aggregation!r}: expected one of {VAL_AGGREGATIONS}")
     if train.keys() != val.keys():
         raise ValueError("train and validation statistics come from different sites")
+    if aggregation == "per_sample":
+        s = similarity_matrix(train, val)  # mean_v (ā_i·ā_v)(ĝ_i·ĝ_v), or Σ_v β_v (…)
+        return s.mean(1) if coefficients is None else s @ coefficients.to(s)
+    if coefficients is not None:
+        raise ValueError("validation coefficients need val_aggregation='per_sample'")
     u = None
     for name, t in train.items():
         v = val[name]
-        if aggregation == "mean":
-            term = (t.a @ v.a.mean(0)) * (t.g @ v.g.mean(0))  # (ā_i·ā_V)(ĝ_i·ĝ_V)
-        else:
-            term = ((t.a @ v.a.T) * (t.g @ v.g.T)).mean(1)  # mean_v (ā_i·ā_v)(ĝ_i·ĝ_v)
+        term = (t.a @ v.a.mean(0)) * (t.g @ v.g.mean(0))  # (ā_i·ā_V)(ĝ_i·ĝ_V)
         u = term if u is None else u + term
     assert u is not None, "no similarity sites"
     return u
