@@ -582,21 +582,13 @@ def within_label_auc(clean: list[int], given: list[int], score: torch.Tensor) ->
     return float(np.mean(aucs))
 
 
-def answer_balanced_direction(g_val: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """Mean over the validation answers a of the unit vector of mean_{v: answer a} ∇ℓ_v: every answer
-    pulls with the same strength, so the validation set's net residual on the label drops out."""
-    units = []
-    for a in answers.unique():
-        m = g_val[answers == a].mean(0)
-        units.append(m / m.norm().clamp_min(1e-30))
-    return torch.stack(units).mean(0)
+def directed_scores(
+    g_train: torch.Tensor, g_val: torch.Tensor, groups: list[int], balance: str, shared: str
+) -> torch.Tensor:
+    """⟨∇ℓ_i, Σ_v β_v ∇ℓ_v⟩ with β from the library's ``validation_coefficients`` on exact gradients."""
+    from metalora.train.val_direction import validation_coefficients
 
-
-def without_top_direction(direction: torch.Tensor, g_val: torch.Tensor) -> torch.Tensor:
-    """``direction`` minus its component along the top right-singular vector of the per-sample validation
-    gradients (the direction every sample shares, whatever its input)."""
-    top = torch.linalg.svd(g_val, full_matrices=False).Vh[0]
-    return direction - (direction @ top) * top
+    return g_train @ (validation_coefficients(g_val @ g_val.T, groups, balance, shared) @ g_val)
 
 
 def part_c_probe(
@@ -616,11 +608,11 @@ def part_c_probe(
     mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
     approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
     cosine, and of −ℓ_i (the small-loss criterion, for comparison) is reported with held-out accuracy,
-    and so are the scores against our two validation directions (``metalora.train.val_direction``, here
-    in their explicit-vector form: ``answer_balanced_direction``, ``without_top_direction``)."""
+    and so are the scores against our two validation directions (``metalora.train.val_direction``)."""
     from metalora.adapters import adapter_parameters
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
+    from metalora.train.val_direction import answer_groups
 
     torch.set_num_threads(1)
     task = load_task(TaskSpec(name=task_name, mc_response=style))
@@ -643,7 +635,7 @@ def part_c_probe(
         opt = torch.optim.AdamW(adapter_parameters(model).values(), lr=lr, weight_decay=0.0)
         feats = features(tok, train_ex, max_length=TRAIN_MAX_LEN)
         val = features(tok, task.dev[:32], max_length=TRAIN_MAX_LEN)
-        val_answers = torch.tensor([ex.answer for ex in task.dev[:32]])
+        val_groups = answer_groups(val)
 
         done = 0
         for checkpoint in checkpoints:
@@ -654,10 +646,10 @@ def part_c_probe(
             dot = g_train @ g_val.mean(0)
             cosine = dot / g_train.norm(dim=1).clamp_min(1e-30)
             norms = g_train.norm(dim=1).clamp_min(1e-30)
-            balanced = g_train @ answer_balanced_direction(g_val, val_answers)
+            balanced = directed_scores(g_train, g_val, val_groups, "answer", "keep")
             unit_val = g_val / g_val.norm(dim=1, keepdim=True).clamp_min(1e-30)
             val_normalized = g_train @ unit_val.mean(0)
-            pc_removed = g_train @ without_top_direction(g_val.mean(0), g_val)
+            pc_removed = directed_scores(g_train, g_val, val_groups, "none", "remove")
 
             rows.append(
                 {
