@@ -643,9 +643,9 @@ def part_c_probe(
             done = checkpoint
             g_train, loss_train = _exact_sample_grads(model, feats, pad)
             g_val, loss_val = _exact_sample_grads(model, val, pad)
-            dot = g_train @ g_val.mean(0)
-            cosine = dot / g_train.norm(dim=1).clamp_min(1e-30)
             norms = g_train.norm(dim=1).clamp_min(1e-30)
+            dot = g_train @ g_val.mean(0)
+            cosine = dot / norms
             balanced = directed_scores(g_train, g_val, val_groups, "answer", "keep")
             unit_val = g_val / g_val.norm(dim=1, keepdim=True).clamp_min(1e-30)
             val_normalized = g_train @ unit_val.mean(0)
