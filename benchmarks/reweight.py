@@ -591,6 +591,17 @@ def directed_scores(
     return g_train @ (validation_coefficients(g_val @ g_val.T, groups, balance, shared) @ g_val)
 
 
+def layer_normalized(model, g: torch.Tensor) -> torch.Tensor:
+    """``_exact_sample_grads``' rows with each adapted layer divided by its norm (the library's
+    ``layer_unit_rows``, the exact form of ``score="layer_cosine"``)."""
+    from metalora.adapters import adapter_parameters
+    from metalora.train.similarity import layer_parameter_names, layer_unit_rows
+
+    params = adapter_parameters(model)
+    by_name = dict(zip(params, g.split([p.numel() for p in params.values()], dim=1), strict=True))
+    return layer_unit_rows(by_name, layer_parameter_names(model))
+
+
 def part_c_probe(
     seeds: list[int],
     n_train: int,
@@ -608,7 +619,9 @@ def part_c_probe(
     mean gradient of all 32 validation samples — the best case of the paper's score, with no low-rank
     approximation and no validation sub-batch — and the AUC (clean = positive) of that dot product, of its
     cosine, and of −ℓ_i (the small-loss criterion, for comparison) is reported with held-out accuracy,
-    and so are the scores against our two validation directions (``metalora.train.val_direction``)."""
+    and so are the scores against our two validation directions (``metalora.train.val_direction``), alone
+    and together, and ``score="layer_cosine"`` (each layer's gradient at unit norm) with the paper's and
+    with both directions."""
     from metalora.adapters import adapter_parameters
     from metalora.data import TaskSpec, load_task
     from metalora.eval.metrics import auc_roc
@@ -650,6 +663,10 @@ def part_c_probe(
             unit_val = g_val / g_val.norm(dim=1, keepdim=True).clamp_min(1e-30)
             val_normalized = g_train @ unit_val.mean(0)
             pc_removed = directed_scores(g_train, g_val, val_groups, "none", "remove")
+            both = directed_scores(g_train, g_val, val_groups, "answer", "remove")
+            l_train, l_val = layer_normalized(model, g_train), layer_normalized(model, g_val)
+            layer_cosine = l_train @ l_val.mean(0)
+            layer_cosine_both = directed_scores(l_train, l_val, val_groups, "answer", "remove")
 
             rows.append(
                 {
@@ -667,6 +684,9 @@ def part_c_probe(
                     "auc_answer_balanced_cosine": auc_roc(labels, (balanced / norms).tolist()),
                     "auc_pc_removed": auc_roc(labels, pc_removed.tolist()),
                     "auc_pc_removed_cosine": auc_roc(labels, (pc_removed / norms).tolist()),
+                    "auc_both_cosine": auc_roc(labels, (both / norms).tolist()),
+                    "auc_layer_cosine": auc_roc(labels, layer_cosine.tolist()),
+                    "auc_layer_cosine_both": auc_roc(labels, layer_cosine_both.tolist()),
                     "label_separation_pc_removed": label_separation(given, pc_removed)
                     if n_options == 2
                     else None,
@@ -873,7 +893,9 @@ def main() -> None:
         "--similarity", default="low_rank", choices=["low_rank", "dense", "exact"], help="(c): the score"
     )
     parser.add_argument("--c-epochs", type=int, default=1, help="(c): passes over the noisy training set")
-    parser.add_argument("--score", default="dot", choices=["dot", "cosine"], help="(c): reweighting score")
+    parser.add_argument(
+        "--score", default="dot", choices=["dot", "cosine", "layer_cosine"], help="(c): reweighting score"
+    )
     parser.add_argument("--c-task", default="sciq", help="(c): the built-in multiple-choice task to corrupt")
     parser.add_argument("--c-val-batch", type=int, default=2, help="(c): validation samples per step")
     parser.add_argument("--c-warm-steps", type=int, default=0, help="(c): clean warm-start steps")

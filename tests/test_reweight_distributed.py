@@ -21,6 +21,8 @@ CONFIGS = {
     "dense_two_backward_mean": {"similarity": "dense", "scheme": "two_backward", "val_aggregation": "mean"},
     "low_rank_directed": {"val_balance": "answer", "shared_direction": "remove", "score": "cosine"},
     "exact_directed": {"similarity": "exact", "val_balance": "answer", "shared_direction": "remove"},
+    "low_rank_layer_cosine": {"score": "layer_cosine", "shared_direction": "remove"},
+    "exact_layer_cosine": {"similarity": "exact", "score": "layer_cosine"},
 }
 
 

@@ -28,7 +28,7 @@ option (all in ``ReweightConfig``):
 |---|---|---|
 | token reduction | response positions only | ``positions="all"``: mean over all positions, padding and prompt |
 | negative u | clipped to 0 | ``negative="shift"``: u − 2·min(u) when min(u) < 0 |
-| score scale | u as defined | (neither) ``score="cosine"``: u_i / ‖∇ℓ_i‖, our option |
+| score scale | u as defined | (neither) ``score="cosine"``: u_i / ‖∇ℓ_i‖; ``"layer_cosine"``: Σ_l of per-site cosines; our options |
 | validation direction | ∇ of the mean validation loss | (neither) ``val_balance="answer"``, ``shared_direction="remove"``: our options (``val_direction``) |
 | first step | weighted; Σ max(u,0) ≤ δ (B = 0 ⇒ g = 0) falls back to uniform w, recorded | ``unweighted_first_step=True`` |
 | validation loss | only scores samples | ``val_step_every=N``: an AdamW step on the validation loss every N steps |
@@ -108,7 +108,10 @@ class ReweightConfig:
     one all inputs share, is projected out of the validation direction (``val_direction``)."""
     score: str = "dot"
     """``dot`` u_i = Σ_l (ā_i·ā_v)(ĝ_i·ĝ_v) (paper) or ``cosine``: u_i / ‖∇ℓ_i‖ (our option, not in the
-    paper or its code: the direction of a sample's gradient, not its size, decides its weight)."""
+    paper or its code: the direction of a sample's gradient, not its size, decides its weight), or
+    ``layer_cosine``: u_i = Σ_l Σ_v β_v cos(∇_l ℓ_i, ∇_l ℓ_v), every site (bottleneck, dense layer, or
+    ``exact``'s adapted layer) votes with the same weight (our option; ``similarity.unit_stats``; needs
+    ``val_aggregation="per_sample"``)."""
     negative: str = "clip"
     """``clip`` max(u, 0) (paper) or ``shift`` u − 2·min(u) when min(u) < 0 (published code)."""
     delta: float = 1e-30
@@ -164,6 +167,11 @@ class ReweightConfig:
                 "'per_sample' with val_balance or shared_direction (they weight single validation samples)",
             ),
             ("score", self.score in sim.SCORES, f"one of {sim.SCORES}"),
+            (
+                "val_aggregation",
+                self.val_aggregation == "per_sample" or self.score != "layer_cosine",
+                "'per_sample' with score='layer_cosine' (it compares single validation samples)",
+            ),
             ("negative", self.negative in sim.NEGATIVES, f"one of {sim.NEGATIVES}"),
             ("fallback", self.fallback in sim.FALLBACKS, f"one of {sim.FALLBACKS}"),
             ("delta", self.delta >= 0, "a non-negative number"),
@@ -255,7 +263,8 @@ class ValidationStats:
     coefficients: torch.Tensor | None = None
     """β [|V|] of ``val_direction`` (float64), or None for the paper's β = 1/|V|."""
     per_sample: torch.Tensor | None = None
-    """``exact`` with β: [|V|, P] float64 per-sample gradients of the selected adapter tensors."""
+    """``exact`` with β: [|V|, P] float64 per-sample gradients of the selected adapter tensors (each layer
+    normalised for ``score="layer_cosine"``)."""
 
 
 def validation_stats(
@@ -273,6 +282,7 @@ def validation_stats(
     context = context or default_context(model)
     params = adapter_parameters(model)
     directed = not val_direction.is_default(config.val_balance, config.shared_direction)
+    layer_cosine = config.score == "layer_cosine"
     per_sample = None
     capture = (
         None
@@ -284,11 +294,10 @@ def validation_stats(
     weights = sim.position_weights(val_batch["labels"], val_batch["attention_mask"], config.positions)
     with context(val_batch), capture.capture(weights) if capture else contextlib.nullcontext():
         losses, _ = forward_losses(model, val_batch)
-        if directed and config.similarity == "exact":
+        if (directed or layer_cosine) and config.similarity == "exact":
             rows = sim.per_sample_grads(losses, params)
             grad = {n: g.sum(0) for n, g in rows.items()}
-            chosen = sim.selected_parameters(model, config.modules)
-            per_sample = torch.cat([rows[n].flatten(1).to(torch.float64) for n in chosen], 1)
+            per_sample = _exact_rows(model, rows, config)
         else:
             grad = _grads(losses.sum(), params)  # Σ_v ℓ_v: every sample's own ∂ℓ_v at the sites
     tensors = list(grad.values())
@@ -301,8 +310,10 @@ def validation_stats(
             n: sim.SiteStats(gather_rows(s.a, total), gather_rows(s.g, total))
             for n, s in capture.stats().items()
         }
+        if layer_cosine:
+            stats = sim.unit_stats(stats)
     coefficients = None
-    if directed:
+    if directed or layer_cosine:  # layer_cosine with the paper's direction: β = 1/|V| on normalised rows
         if per_sample is not None:
             per_sample = gather_rows(per_sample, total)
             gram = per_sample @ per_sample.T
@@ -314,6 +325,15 @@ def validation_stats(
     return ValidationStats(
         stats=stats, grad=grad, loss=loss, size=total, coefficients=coefficients, per_sample=per_sample
     )
+
+
+def _exact_rows(model: nn.Module, rows: dict[str, torch.Tensor], config: ReweightConfig) -> torch.Tensor:
+    """[B, P] float64 per-sample gradients of the selected adapter tensors (``exact``), each layer divided by
+    its norm for ``score="layer_cosine"``."""
+    if config.score == "layer_cosine":
+        return sim.layer_unit_rows(rows, sim.layer_parameter_names(model, config.modules))
+    chosen = sim.selected_parameters(model, config.modules)
+    return torch.cat([rows[n].flatten(1).to(torch.float64) for n in chosen], 1)
 
 
 # --- 2–4. the reweighted gradient -----------------------------------------------------------------------
@@ -394,7 +414,7 @@ def reweighted_gradient(
             chosen = sim.selected_parameters(model, config.modules)
             if val.coefficients is not None:  # ⟨∇ℓ_i, Σ_v β_v ∇ℓ_v⟩
                 assert val.per_sample is not None
-                mine = torch.cat([per_sample[n].flatten(1).to(torch.float64) for n in chosen], 1)
+                mine = _exact_rows(model, per_sample, config)
                 direction = val.coefficients.to(val.per_sample) @ val.per_sample
                 u_local = mine @ direction.to(mine.device)
             else:
@@ -406,11 +426,12 @@ def reweighted_gradient(
                 norms = sum(per_sample[n].flatten(1).to(torch.float64).pow(2).sum(1) for n in chosen).sqrt()
                 u_local = sim.cosine_scores(u_local, norms)
         else:
-            u_local = sim.similarity_scores(
-                capture.stats(), val.stats, config.val_aggregation, val.coefficients
-            )
+            train_stats = capture.stats()
+            if config.score == "layer_cosine":
+                train_stats = sim.unit_stats(train_stats)
+            u_local = sim.similarity_scores(train_stats, val.stats, config.val_aggregation, val.coefficients)
             if config.score == "cosine":
-                u_local = sim.cosine_scores(u_local, sim.sample_norms(capture.stats()))
+                u_local = sim.cosine_scores(u_local, sim.sample_norms(train_stats))
         u = gather_rows(u_local.to(losses.device), total)
         all_losses = gather_rows(losses.detach(), total)
         all_valid = gather_rows(valid, total)

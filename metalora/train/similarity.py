@@ -38,6 +38,10 @@ response token; the last response position predicts nothing).
 * ``"all"`` (published code): the plain mean over all L positions, padding and prompt included, for
   both a and g.
 
+Scores (``ReweightConfig.score``, our options besides the paper's ``dot``): ``cosine`` divides u_i by
+the estimate of ‖∇ℓ_i‖ (``sample_norms``); ``layer_cosine`` normalises every site's ā and ĝ first
+(``unit_stats``), so u_i = Σ_l Σ_v β_v cos_l(i, v) and every site votes with the same weight.
+
 Weights (``clipped_weights``): w_i = max(u_i, 0) / (Σ_j max(u_j, 0) + δ) (paper), or with
 ``negative="shift"`` (published code) u ← u − 2·min(u) when min(u) < 0 before normalising. When
 Σ_j max(u_j, 0) ≤ δ — at the first step B = 0 makes g = 0 and u = 0 for every sample — the formula
@@ -62,7 +66,7 @@ SIMILARITIES = ("low_rank", "dense", "exact")
 MODULE_SUBSETS = ("all", "attention", "mlp")
 POSITIONS = ("response", "nonpad", "all")
 VAL_AGGREGATIONS = ("per_sample", "mean")
-SCORES = ("dot", "cosine")
+SCORES = ("dot", "cosine", "layer_cosine")
 NEGATIVES = ("clip", "shift")
 FALLBACKS = ("uniform", "zero")
 
@@ -267,6 +271,42 @@ def sample_norms(train: dict[str, SiteStats]) -> torch.Tensor:
         total = term if total is None else total + term
     assert total is not None, "no similarity sites"
     return total.sqrt()
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    norms = x.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, x / norms.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+
+
+def unit_stats(stats: dict[str, SiteStats]) -> dict[str, SiteStats]:
+    """ā/‖ā‖ and ĝ/‖ĝ‖ at every site (a zero vector stays zero), for ``score="layer_cosine"``.
+
+    With them each site's term (ā_i·ā_v)(ĝ_i·ĝ_v) becomes cos(ĝ_i ā_iᵀ, ĝ_v ā_vᵀ), the cosine of the two
+    rank-one gradient estimates of that site (‖ĝāᵀ‖_F = ‖ĝ‖‖ā‖), so u_i = Σ_l Σ_v β_v cos_l(i, v): every
+    site votes with the same weight, where the plain dot lets the few sites with the largest gradients
+    decide. It is still an inner product, of the site-normalised gradients, so the Gram matrix and the
+    validation directions of ``val_direction`` apply to it unchanged."""
+    return {n: SiteStats(_unit_rows(s.a), _unit_rows(s.g)) for n, s in stats.items()}
+
+
+def layer_parameter_names(model: nn.Module, modules: str = "all") -> dict[str, list[str]]:
+    """The adapter tensors of every selected layer, by layer (``exact`` similarity's sites)."""
+    names = list(selected_parameters(model, modules))
+    return {
+        layer: [n for n in names if n.startswith(f"{layer}.")] for layer in selected_layers(model, modules)
+    }
+
+
+def layer_unit_rows(per_sample: dict[str, torch.Tensor], layers: dict[str, list[str]]) -> torch.Tensor:
+    """[B, P] float64: each sample's gradient of every layer's tensors, divided by its norm over that layer
+    (``score="layer_cosine"`` in ``exact`` mode: the true per-layer cosines), concatenated."""
+    parts = []
+    for names in layers.values():
+        if names:
+            parts.append(
+                _unit_rows(torch.cat([per_sample[n].flatten(1).to(torch.float64) for n in names], 1))
+            )
+    return torch.cat(parts, 1)
 
 
 def cosine_scores(u: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
