@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from test_reweight import batches, f64_model, per_sample_gradient, run_step, single_sample_stats
+from test_reweight import batches, f64_model, per_sample_gradient, run_step
 from test_train_utils import PAD
-from test_val_direction import explicit_direction, val_with_two_answers
+from test_val_direction import explicit_direction, rank_one_rows, val_with_two_answers
 from tiny_models import tiny_model
 
 import metalora as ml
@@ -47,17 +47,6 @@ def test_site_cosines_by_hand_and_every_site_votes_equally():
     assert torch.equal(zero.a, torch.zeros(1, 2, dtype=torch.float64)) and torch.equal(zero.g, zero.a)
 
 
-def site_unit_rows(model, features, similarity):
-    """Each sample's concatenated flatten(ĝāᵀ)/‖ĝāᵀ‖ over sites, by the brute-force single-sample loop."""
-    length = max(len(f["input_ids"]) for f in features)
-    rows = []
-    for f in features:
-        site_stats, _, _ = single_sample_stats(model, f, length, similarity, "response")
-        parts = [torch.outer(g, a).flatten() for a, g in site_stats.values()]
-        rows.append(torch.cat([p / p.norm() for p in parts]))
-    return torch.stack(rows).double()
-
-
 @pytest.mark.parametrize(
     "adapter,similarity,balance,shared",
     [
@@ -76,9 +65,9 @@ def test_scores_equal_explicit_site_normalised_rank_one_vectors(adapter, similar
     )
     v = validation_stats(model, collate(val, PAD), config, len(val), groups=answer_groups(val))
     result = reweighted_gradient(model, collate(train, PAD), v, config, len(train))
-    rows_val = site_unit_rows(model, val, similarity)
+    rows_val = rank_one_rows(model, val, similarity, unit_sites=True)
     direction = explicit_direction(rows_val, answer_groups(val), balance, shared)
-    u_ref = site_unit_rows(model, train, similarity) @ direction
+    u_ref = rank_one_rows(model, train, similarity, unit_sites=True) @ direction
     assert float(u_ref.abs().max()) > 0
     torch.testing.assert_close(result.scores, u_ref, rtol=1e-8, atol=1e-11 * float(u_ref.abs().max()))
     w_ref = u_ref.clamp(min=0) / u_ref.clamp(min=0).sum()

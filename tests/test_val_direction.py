@@ -53,13 +53,15 @@ def explicit_direction(rows: torch.Tensor, groups, balance: str, shared: str) ->
     return direction
 
 
-def rank_one_rows(model, features) -> torch.Tensor:
-    """Each sample's Σ_l-concatenated flatten(ĝ āᵀ), by the brute-force single-sample loop."""
+def rank_one_rows(model, features, similarity: str = "low_rank", unit_sites: bool = False) -> torch.Tensor:
+    """Each sample's Σ_l-concatenated flatten(ĝ āᵀ), by the brute-force single-sample loop; with
+    ``unit_sites`` every site's part is divided by its own norm (``score="layer_cosine"``)."""
     length = max(len(f["input_ids"]) for f in features)
     rows = []
     for f in features:
-        stats, _, _ = single_sample_stats(model, f, length, "low_rank", "response")
-        rows.append(torch.cat([torch.outer(g, a).flatten() for a, g in stats.values()]))
+        stats, _, _ = single_sample_stats(model, f, length, similarity, "response")
+        parts = [torch.outer(g, a).flatten() for a, g in stats.values()]
+        rows.append(torch.cat([p / p.norm() for p in parts] if unit_sites else parts))
     return torch.stack(rows).double()
 
 
