@@ -47,5 +47,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
+    """safetensors writes the metadata in hash order: with more than one key, two writes of the same
+    tensors can differ in their bytes. Keep it to one key where files should be bit-identical."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from metalora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer
@@ -44,12 +45,32 @@ def config_from_dict(adapter_type: str, data: dict[str, Any]) -> AdapterConfig:
     return ADAPTER_TYPES[adapter_type][0].from_dict(data)
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap the config's target modules with the adapter, freeze everything else, return ``model``."""
+def add_adapter(model: nn.Module, config: AdapterConfig, seed: int | None = None) -> nn.Module:
+    """Wrap the config's target modules with the adapter, freeze everything else, return ``model``.
+
+    ``seed``: draw the adapter's random initial tensors (LoRA A, MTL-LoRA's task logits, routers) from
+    ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed gives the same adapter in any
+    process and the caller's global RNG is left as it was. ``None`` draws from torch's global generator,
+    as PEFT does; torch seeds that generator randomly in every new process.
+    """
     if not isinstance(config, AdapterConfig) or config.adapter_type not in ADAPTER_TYPES:
         raise AdapterConfigError(f"expected one of metalora's adapter configs, got {type(config).__name__}")
     if adapter_info(model) is not None:
         raise AdapterConfigError("this model already has a metalora adapter; load a fresh base model")
+    if seed is None:
+        _inject(model, config)
+    else:
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            torch.manual_seed(seed)
+            _inject(model, config)
+    return model
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def _inject(model: nn.Module, config: AdapterConfig) -> None:
     targets = resolve_targets(model, config.target_modules)
     model.requires_grad_(False)
     if isinstance(config, LoRAConfig):
@@ -70,7 +91,6 @@ def add_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
             param.requires_grad_(True)
     model._metalora_adapter = AdapterInfo(config=config, targets=targets)
     _keep_checkpointing_inputs_differentiable(model)
-    return model
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -77,9 +77,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "targets": _target_shapes(model, info.targets),
         "task_names": getattr(info.config, "task_names", None),
     }
-    atomic.write_safetensors(
-        directory / WEIGHTS_FILE, tensors, metadata={"format": "pt", "metalora": "adapter"}
-    )
+    atomic.write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     atomic.write_json(directory / CONFIG_FILE, record)
     return directory
 

@@ -298,7 +298,8 @@ def _load_model(cfg: dict[str, Any], task_names: list[str]):
     ):
         adapter["task_names"] = task_names
     model, tokenizer = ml.load_base(cfg["model"], dtype=cfg["dtype"])
-    return ml.add_adapter(model, config_from_dict(kind, adapter)), tokenizer
+    # the adapter's random init comes from the run's seed, not from torch's per-process random seed
+    return ml.add_adapter(model, config_from_dict(kind, adapter), seed=cfg["train"]["seed"]), tokenizer
 
 
 def _write_run_files(run_dir: Path, cfg: dict[str, Any], sections: tuple, data_info: dict[str, Any]) -> None:
