@@ -17,10 +17,10 @@ from metalora.data import (
     Example,
     MetaloraDataError,
     collate,
-    per_sample_loss,
     tokenize_example,
     tokenize_examples,
 )
+from metalora.train.loss import per_sample_loss
 
 VOCAB = [
     "<pad>",

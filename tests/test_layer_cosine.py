@@ -15,6 +15,7 @@ from tiny_models import tiny_model
 import metalora as ml
 from metalora.adapters import adapter_parameters
 from metalora.data import collate
+from metalora.train import lora_grads
 from metalora.train import similarity as sim
 from metalora.train.reweight import (
     ReweightConfig,
@@ -60,8 +61,13 @@ def test_scores_equal_explicit_site_normalised_rank_one_vectors(adapter, similar
     model = f64_model(adapter)
     train, _ = batches()
     val = val_with_two_answers()
-    config = ReweightConfig(
-        similarity=similarity, score="layer_cosine", val_balance=balance, shared_direction=shared
+    config = ReweightConfig.from_dict(
+        {
+            "similarity": similarity,
+            "score": "layer_cosine",
+            "val_balance": balance,
+            "shared_direction": shared,
+        }
     )
     v = validation_stats(model, collate(val, PAD), config, len(val), groups=answer_groups(val))
     result = reweighted_gradient(model, collate(train, PAD), v, config, len(train))
@@ -72,7 +78,12 @@ def test_scores_equal_explicit_site_normalised_rank_one_vectors(adapter, similar
     torch.testing.assert_close(result.scores, u_ref, rtol=1e-8, atol=1e-11 * float(u_ref.abs().max()))
     w_ref = u_ref.clamp(min=0) / u_ref.clamp(min=0).sum()
     torch.testing.assert_close(result.weights, w_ref, rtol=1e-8, atol=1e-12)
-    plain, _ = run_step(f64_model(adapter), train, val, ReweightConfig(similarity=similarity, score="cosine"))
+    plain, _ = run_step(
+        f64_model(adapter),
+        train,
+        val,
+        ReweightConfig.from_dict({"similarity": similarity, "score": "cosine"}),
+    )
     assert not torch.allclose(result.scores, plain.scores)  # the per-site normalisation changes u
 
 
@@ -81,10 +92,10 @@ def test_exact_scores_equal_per_layer_normalised_per_sample_gradients(adapter, m
     model = f64_model(adapter)
     train, _ = batches(n_train=4)
     val = val_with_two_answers()
-    config = ReweightConfig(similarity="exact", modules=modules, score="layer_cosine")
+    config = ReweightConfig.from_dict({"similarity": "exact", "modules": modules, "score": "layer_cosine"})
     result, _ = run_step(model, train, val, config)
     params = adapter_parameters(model)
-    chosen = list(sim.selected_parameters(model, modules))
+    chosen = list(lora_grads.selected_parameters(model, modules))
     layers: dict[str, list[str]] = {}
     for n in chosen:  # a layer's tensors share the path before ".lora_" (PEFT and metalora names alike)
         layers.setdefault(n.split(".lora_")[0], []).append(n)
@@ -103,11 +114,11 @@ def test_exact_scores_equal_per_layer_normalised_per_sample_gradients(adapter, m
 def test_fresh_lora_falls_back_to_uniform_without_nan():
     model = ml.add_adapter(tiny_model("gpt2", dtype=torch.float64), ml.LoRAConfig(r=4))  # B = 0 ⇒ ĝ = 0
     train, val = batches()
-    result, _ = run_step(model, train, val, ReweightConfig(score="layer_cosine"))
+    result, _ = run_step(model, train, val, ReweightConfig.from_dict({"score": "layer_cosine"}))
     assert result.fallback and torch.isfinite(result.scores).all()
     torch.testing.assert_close(result.weights, torch.full((len(train),), 1 / len(train), dtype=torch.float64))
 
 
 def test_layer_cosine_needs_per_sample_validation_statistics():
-    with pytest.raises(ReweightConfigError, match="val_aggregation.*layer_cosine"):
-        ReweightConfig(score="layer_cosine", val_aggregation="mean")
+    with pytest.raises(ReweightConfigError, match=r"reweight\.direction\.aggregation.*layer_cosine"):
+        ReweightConfig.from_dict({"score": "layer_cosine", "val_aggregation": "mean"})

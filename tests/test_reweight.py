@@ -15,7 +15,7 @@ from tiny_models import randomize_adapter, tiny_model
 import metalora as ml
 from metalora.adapters import adapter_layers, adapter_parameters, layer_bottlenecks
 from metalora.data import collate
-from metalora.train import EngineConfig
+from metalora.train import EngineConfig, lora_grads
 from metalora.train import similarity as sim
 from metalora.train.reweight import (
     ReweightConfig,
@@ -135,7 +135,7 @@ def brute_force_weights(
 def test_cosine_score_equals_float64_brute_force():
     model = f64_model("lora")
     train, val = batches()
-    result, _ = run_step(model, train, val, ReweightConfig(score="cosine"))
+    result, _ = run_step(model, train, val, ReweightConfig.from_dict({"direction": {"score": "cosine"}}))
     u_ref, w_ref, _ = brute_force_weights(model, train, val, score="cosine")
     dot, _ = run_step(f64_model("lora"), train, val, ReweightConfig())
     assert not torch.allclose(result.weights, dot.weights)  # the option changes the weights
@@ -157,7 +157,12 @@ def test_cosine_score_equals_float64_brute_force():
 def test_weights_equal_float64_brute_force(adapter, similarity, positions, aggregation):
     model = f64_model(adapter)
     train, val = batches(task_ids=(0, 1) if adapter == "mtl_lora" else (0, 0))
-    config = ReweightConfig(similarity=similarity, positions=positions, val_aggregation=aggregation)
+    config = ReweightConfig.from_dict(
+        {
+            "stats": {"similarity": similarity, "positions": positions},
+            "direction": {"aggregation": aggregation},
+        }
+    )
     result, _ = run_step(model, train, val, config)
     u_ref, w_ref, losses = brute_force_weights(model, train, val, similarity, positions, aggregation)
     assert result.scheme == ("fused" if adapter == "lora" else "two_backward")
@@ -203,9 +208,11 @@ def per_sample_gradient(model, feature, params):
 def test_exact_mode_equals_explicit_per_sample_gradient_dot_products(adapter, modules):
     model = f64_model(adapter)
     train, val = batches(n_train=4, n_val=2, task_ids=(0, 1) if adapter == "mtl_lora" else (0, 0))
-    result, grads = run_step(model, train, val, ReweightConfig(similarity="exact", modules=modules))
+    result, grads = run_step(
+        model, train, val, ReweightConfig.from_dict({"stats": {"similarity": "exact", "modules": modules}})
+    )
     params = adapter_parameters(model)
-    chosen = sim.selected_parameters(model, modules)
+    chosen = lora_grads.selected_parameters(model, modules)
     assert 0 < len(chosen) < len(params) or modules == "all"
     g_train = [per_sample_gradient(model, f, params) for f in train]
     g_val = [per_sample_gradient(model, f, params) for f in val]
@@ -215,7 +222,12 @@ def test_exact_mode_equals_explicit_per_sample_gradient_dot_products(adapter, mo
     )
     torch.testing.assert_close(result.scores, u_ref, rtol=1e-9, atol=1e-14)
     cosine, _ = run_step(
-        model, train, val, ReweightConfig(similarity="exact", modules=modules, score="cosine")
+        model,
+        train,
+        val,
+        ReweightConfig.from_dict(
+            {"stats": {"similarity": "exact", "modules": modules}, "direction": {"score": "cosine"}}
+        ),
     )
     norms = torch.tensor(
         [math.sqrt(sum(float((g[n] ** 2).sum()) for n in chosen)) for g in g_train], dtype=torch.float64
@@ -250,8 +262,15 @@ def test_weighted_loss_gradient_equals_sum_of_weighted_per_sample_gradients(adap
 def test_fused_scheme_equals_two_backward_scheme():
     model = f64_model()
     train, val = batches()
-    fused, g_fused = run_step(model, train, val, ReweightConfig(scheme="fused", similarity="dense"))
-    two, g_two = run_step(model, train, val, ReweightConfig(scheme="two_backward", similarity="dense"))
+    fused, g_fused = run_step(
+        model, train, val, ReweightConfig.from_dict({"scheme": "fused", "stats": {"similarity": "dense"}})
+    )
+    two, g_two = run_step(
+        model,
+        train,
+        val,
+        ReweightConfig.from_dict({"scheme": "two_backward", "stats": {"similarity": "dense"}}),
+    )
     assert torch.equal(fused.weights, two.weights)
     assert max_abs_diff(g_fused, g_two) < 1e-14
 
@@ -261,7 +280,7 @@ def test_fused_is_refused_where_it_does_not_cover_the_adapter():
         tiny_model("gpt2", dtype=torch.float64),
         ml.LoRAConfig(r=4, use_dora=True, target_modules=GPT2_TARGETS),
     )
-    assert not sim.fused_supported(model)
+    assert not lora_grads.fused_supported(model)
     train, val = batches(2, 1)
     with pytest.raises(ReweightConfigError, match="fused"):
         run_step(model, train, val, ReweightConfig(scheme="fused"))
@@ -275,7 +294,11 @@ def test_fused_is_refused_where_it_does_not_cover_the_adapter():
 def test_weights_are_non_negative_and_sum_to_one():
     model = f64_model()
     train, val = batches(n_train=8)
-    for config in (ReweightConfig(), ReweightConfig(negative="shift"), ReweightConfig(similarity="dense")):
+    for config in (
+        ReweightConfig(),
+        ReweightConfig.from_dict({"weights": {"negative": "shift"}}),
+        ReweightConfig.from_dict({"stats": {"similarity": "dense"}}),
+    ):
         result, _ = run_step(model, train, val, config)
         assert (result.weights >= 0).all() and float(result.weights.sum()) == pytest.approx(1.0, abs=1e-12)
         assert not result.fallback
@@ -291,10 +314,12 @@ def test_fresh_lora_has_g_zero_and_falls_back_to_uniform_or_zero():
     assert result.fallback and torch.equal(result.weights, torch.full((4,), 0.25, dtype=torch.float64))
     assert result.metrics["weight_fallback"] == 1.0
     assert any(float(g.abs().max()) > 0 for g in grads.values())  # A's gradient is 0 but B's is not
-    zero, grads0 = run_step(model, train, val, ReweightConfig(fallback="zero"))
+    zero, grads0 = run_step(model, train, val, ReweightConfig.from_dict({"weights": {"fallback": "zero"}}))
     assert zero.fallback and torch.equal(zero.weights, torch.zeros(4, dtype=torch.float64))
     assert all(float(g.abs().max()) == 0 for g in grads0.values())
-    dense, _ = run_step(model, train, val, ReweightConfig(similarity="dense"))  # D sees ∂ℓ/∂h ≠ 0 at once
+    dense, _ = run_step(
+        model, train, val, ReweightConfig.from_dict({"stats": {"similarity": "dense"}})
+    )  # D sees ∂ℓ/∂h ≠ 0 at once
     assert not dense.fallback
 
 
@@ -307,8 +332,8 @@ def test_all_masked_samples_get_weight_zero_and_no_nan():
     ]  # one label token
     for config in (
         ReweightConfig(),
-        ReweightConfig(positions="all", negative="shift"),
-        ReweightConfig(similarity="exact"),
+        ReweightConfig.from_dict({"stats": {"positions": "all"}, "weights": {"negative": "shift"}}),
+        ReweightConfig.from_dict({"stats": {"similarity": "exact"}}),
     ):
         result, grads = run_step(model, train, val, config)
         assert result.weights[1] == 0 and not bool(result.valid[1]) and bool(result.valid[3])
@@ -354,15 +379,15 @@ def test_loss_positions_are_the_shifted_label_mask():
 
 def test_module_subsets_select_attention_or_mlp_sites():
     model = f64_model()
-    attn = sim.similarity_sites(model, "low_rank", "attention")
-    mlp = sim.similarity_sites(model, "dense", "mlp")
+    attn = lora_grads.similarity_sites(model, "low_rank", "attention")
+    mlp = lora_grads.similarity_sites(model, "dense", "mlp")
     assert attn and all(".attn." in n for n in attn) and all(".mlp." in n for n in mlp)
-    assert len(sim.similarity_sites(model, "low_rank", "all")) == len(attn) + len(
-        sim.selected_layers(model, "mlp")
+    assert len(lora_grads.similarity_sites(model, "low_rank", "all")) == len(attn) + len(
+        lora_grads.selected_layers(model, "mlp")
     )
     only_attn = ml.add_adapter(tiny_model("llama"), ml.LoRAConfig(r=2))
     with pytest.raises(ValueError, match="selects none"):
-        sim.selected_layers(only_attn, "mlp")
+        lora_grads.selected_layers(only_attn, "mlp")
 
 
 # --- the algorithm on the engine -------------------------------------------------------------------------
@@ -373,7 +398,13 @@ def test_train_reweight_end_to_end_writes_weights_metrics_and_plot(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = make_features("tr", 0, 12, seed=3, vary=True)
     val = make_features("va", 0, 4, seed=4)
-    config = ReweightConfig(batch_size=4, val_ratio=2, unweighted_first_step=True, val_step_every=2)
+    config = ReweightConfig.from_dict(
+        {
+            "batch_size": 4,
+            "val_ratio": 2,
+            "published_code": {"unweighted_first_step": True, "val_step_every": 2},
+        }
+    )
     counters = train_reweight(
         model,
         train,
@@ -406,8 +437,8 @@ def test_train_reweight_end_to_end_writes_weights_metrics_and_plot(tmp_path):
 
 
 def test_config_is_validated():
-    with pytest.raises(ReweightConfigError, match="similarity"):
-        ReweightConfig(similarity="cosine")
+    with pytest.raises(ReweightConfigError, match=r"reweight\.stats\.similarity"):
+        ReweightConfig.from_dict({"stats": {"similarity": "cosine"}})
     assert ReweightConfig(batch_size=50, val_ratio=50).effective_val_batch_size == 1
     assert ReweightConfig(batch_size=8).effective_val_batch_size == 1
     assert ReweightConfig(batch_size=20, val_ratio=5).effective_val_batch_size == 4
@@ -424,9 +455,8 @@ def test_adapter_state_untouched_by_scoring_alone():
 def test_shipped_config_section_builds_the_config():
     import yaml
 
-    from metalora.train.reweight import ReweightConfig as Config
-
     path = Path(__file__).resolve().parent.parent / "configs" / "reweight.yaml"
     recipe = yaml.safe_load(path.read_text())
     assert recipe["algorithm"] == "reweight"
-    assert Config(**recipe["reweight"]) == Config()  # every field given, all at the paper defaults
+    # every field given (flat keys, the old form, until the recipe moves to the nested one), all at the defaults
+    assert ReweightConfig.from_dict(recipe["reweight"]) == ReweightConfig()

@@ -18,11 +18,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "low_rank_fused": {},
-    "dense_two_backward_mean": {"similarity": "dense", "scheme": "two_backward", "val_aggregation": "mean"},
-    "low_rank_directed": {"val_balance": "answer", "shared_direction": "remove", "score": "cosine"},
-    "exact_directed": {"similarity": "exact", "val_balance": "answer", "shared_direction": "remove"},
-    "low_rank_layer_cosine": {"score": "layer_cosine", "shared_direction": "remove"},
-    "exact_layer_cosine": {"similarity": "exact", "score": "layer_cosine"},
+    "dense_two_backward_mean": {
+        "stats": {"similarity": "dense"},
+        "scheme": "two_backward",
+        "direction": {"aggregation": "mean"},
+    },
+    "low_rank_directed": {"direction": {"balance": "answer", "shared": "remove", "score": "cosine"}},
+    "exact_directed": {
+        "stats": {"similarity": "exact"},
+        "direction": {"balance": "answer", "shared": "remove"},
+    },
+    "low_rank_layer_cosine": {"direction": {"score": "layer_cosine", "shared": "remove"}},
+    "exact_layer_cosine": {"stats": {"similarity": "exact"}, "direction": {"score": "layer_cosine"}},
 }
 
 
@@ -41,7 +48,7 @@ def train(run_dir: Path, overrides: dict) -> tuple[dict[str, torch.Tensor], list
     randomize_adapter(model, scale=0.3)
     train_features = make_features("tr", 0, 18, length=12, seed=5, vary=True)
     val_features = make_features("va", 0, 6, length=10, seed=6, vary=True)
-    config = ReweightConfig(batch_size=6, val_batch_size=3, **overrides)
+    config = ReweightConfig.from_dict({"batch_size": 6, "val_batch_size": 3, **overrides})
     engine = EngineConfig(max_steps=3, lr=1e-2, device="cpu", progress=False)
     train_reweight(model, train_features, val_features, config, engine, run_dir, PAD)
     weights = (

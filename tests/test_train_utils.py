@@ -6,7 +6,8 @@ import torch
 from tiny_models import VOCAB
 
 from metalora.adapters import adapter_parameters
-from metalora.train.batching import count_label_tokens, count_tokens
+from metalora.train.batching import count_tokens
+from metalora.train.loss import count_label_tokens
 
 PAD = 0
 

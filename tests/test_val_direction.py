@@ -92,7 +92,7 @@ def test_low_rank_scores_equal_explicit_rank_one_vectors(balance, shared):
     model = f64_model("lora")
     train, _ = batches()
     val = val_with_two_answers()
-    config = ReweightConfig(val_balance=balance, shared_direction=shared)
+    config = ReweightConfig.from_dict({"val_balance": balance, "shared_direction": shared})
     # run_step does not pass the answer groups: the two halves as the Reweighter calls them
     v = validation_stats(model, collate(val, PAD), config, len(val), groups=answer_groups(val))
     result = reweighted_gradient(model, collate(train, PAD), v, config, len(train))
@@ -108,8 +108,8 @@ def test_exact_scores_equal_explicit_per_sample_gradients():
     model = f64_model("lora")
     train, _ = batches(n_train=4)
     val = val_with_two_answers()
-    config = ReweightConfig(
-        similarity="exact", val_balance="answer", shared_direction="remove", score="cosine"
+    config = ReweightConfig.from_dict(
+        {"similarity": "exact", "val_balance": "answer", "shared_direction": "remove", "score": "cosine"}
     )
     v = validation_stats(model, collate(val, PAD), config, len(val), groups=answer_groups(val))
     result = reweighted_gradient(model, collate(train, PAD), v, config, len(train))
@@ -135,7 +135,9 @@ def test_fresh_lora_with_options_falls_back_to_uniform_without_nan():
     model = ml.add_adapter(tiny_model("gpt2", dtype=torch.float64), ml.LoRAConfig(r=4))  # B = 0
     train, _ = batches()
     val = val_with_two_answers()
-    config = ReweightConfig(val_balance="answer", shared_direction="remove", score="cosine")
+    config = ReweightConfig.from_dict(
+        {"val_balance": "answer", "shared_direction": "remove", "score": "cosine"}
+    )
     v = validation_stats(model, collate(val, PAD), config, len(val), groups=answer_groups(val))
     result = reweighted_gradient(model, collate(train, PAD), v, config, len(train))
     assert result.fallback and torch.isfinite(result.weights).all()
@@ -143,11 +145,11 @@ def test_fresh_lora_with_options_falls_back_to_uniform_without_nan():
 
 
 def test_options_need_per_sample_aggregation_and_known_values():
-    with pytest.raises(ReweightConfigError, match="val_aggregation"):
-        ReweightConfig(val_balance="answer", val_aggregation="mean")
-    with pytest.raises(ReweightConfigError, match="val_balance"):
-        ReweightConfig(val_balance="label")
-    with pytest.raises(ReweightConfigError, match="shared_direction"):
-        ReweightConfig(shared_direction="drop")
+    with pytest.raises(ReweightConfigError, match=r"reweight\.direction\.aggregation"):
+        ReweightConfig.from_dict({"val_balance": "answer", "val_aggregation": "mean"})
+    with pytest.raises(ReweightConfigError, match=r"reweight\.direction\.balance"):
+        ReweightConfig.from_dict({"val_balance": "label"})
+    with pytest.raises(ReweightConfigError, match=r"reweight\.direction\.shared"):
+        ReweightConfig.from_dict({"shared_direction": "drop"})
     with pytest.raises(ValueError, match="per_sample"):
         sim.similarity_scores({}, {}, "mean", torch.ones(1))

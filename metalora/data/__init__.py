@@ -22,7 +22,6 @@ from metalora.data.templates import format_mc_prompt, format_mc_response, record
 from metalora.data.tokenize import (
     IGNORE_INDEX,
     TokenizeStats,
-    per_sample_loss,
     render,
     tokenize_example,
     tokenize_examples,
@@ -49,7 +48,6 @@ __all__ = [
     "load_tasks",
     "mixture_weights",
     "mmlu_subjects",
-    "per_sample_loss",
     "read_records",
     "record_to_example",
     "render",

@@ -1,5 +1,5 @@
 """Tokenize `Example`s into training features with prompt-masked labels, an explicit truncation policy,
-and accounting; plus `per_sample_loss`, the NaN-free per-sample loss the training engine uses.
+and accounting (the losses on these labels live in ``metalora.train.loss``).
 
 Prompt and response are tokenized separately and concatenated, so the boundary is exact: every prompt
 token gets label ``-100``, every response token its own id (shifting is left to the model, as in HF).
@@ -14,8 +14,8 @@ Truncation policies (applied when ``len(prompt) + len(response) > max_length``):
 * ``"error"``: raise `MetaloraDataError`.
 
 A sample whose labels end up all ``-100`` (empty response, or response cut away) is counted in
-``TokenizeStats.all_masked`` and kept unless ``drop_all_masked=True``; `per_sample_loss` gives it loss 0
-and ``valid=False`` instead of the NaN of a 0/0 mean.
+``TokenizeStats.all_masked`` and kept unless ``drop_all_masked=True``; ``metalora.train.loss.per_sample_loss``
+gives it loss 0 and ``valid=False`` instead of the NaN of a 0/0 mean.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import torch
-import torch.nn.functional as F
 
 from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example
@@ -210,36 +207,3 @@ def tokenize_examples(
         features.append(feat)
     stats.kept = len(features)
     return features, stats
-
-
-def token_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample sums of next-token cross-entropy over the unmasked labels, and their counts.
-
-    Args:
-        logits: ``[B, L, V]`` model outputs (unshifted, as HF returns them).
-        labels: ``[B, L]`` with ``-100`` on prompt and padding (unshifted; shifted here as HF does).
-
-    Returns:
-        ``(sums [B], counts [B] long)``, computed in at least float32 (float64 logits stay float64).
-    """
-    # Shift the labels, not the logits: slicing logits[:, :-1] would copy a [B, L, V] tensor.
-    targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # target of position t
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).to(dtype),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)  # [B, L], 0 where masked
-    return token_loss.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
-
-
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy per sample over its unmasked response tokens (``token_loss_rows``).
-
-    Returns:
-        ``(loss [B], valid [B] bool)``: a sample with no unmasked label has loss exactly 0 (no NaN, no
-        gradient) and ``valid=False``. Computed in at least float32 (float64 logits stay float64).
-    """
-    sums, counts = token_loss_rows(logits, labels)
-    return sums / counts.clamp(min=1), counts > 0

@@ -24,8 +24,3 @@ def micro_batches(features: Sequence[Feature], pad_token_id: int, size: int | No
 def count_tokens(features: Sequence[Feature]) -> int:
     """Non-padding input tokens."""
     return sum(len(f["input_ids"]) for f in features)
-
-
-def count_label_tokens(features: Sequence[Feature]) -> int:
-    """Label tokens the shifted next-token loss covers (labels after position 0 that are not -100)."""
-    return sum(sum(1 for t in f["labels"][1:] if t != -100) for f in features)

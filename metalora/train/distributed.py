@@ -53,6 +53,25 @@ def sum_scalar(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """The global [total, ...] tensor from each rank's rows of ``shard`` (global index rank + j·world)."""
+    world = world_size()
+    if world == 1:
+        return local
+    if local.dtype == torch.bool:  # not every backend gathers bool
+        return gather_rows(local.to(torch.uint8), total).bool()
+    per_rank = -(-total // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = local.new_zeros((total, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        count = len(range(r, total, world))
+        out[r::world] = part[:count]
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from metalora.rundir import RunDir
 from metalora.train import distributed as dist_utils
-from metalora.train.batching import Feature, count_label_tokens, count_tokens, micro_batches
+from metalora.train.batching import Feature, count_tokens, micro_batches
 from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, StepOutput
+from metalora.train.loss import count_label_tokens
 
 FEW_SHOT_EPOCHS: dict[int, int] = {50: 5, 100: 10}
 """The paper's few-shot LoRA protocol: examples per task → epochs."""
@@ -52,8 +54,13 @@ class MultitaskConfig:
     """Train for this many epochs over the features (sets ``train.max_steps``); None keeps max_steps."""
     seed: int = 0
     """Seed of the epoch shuffles."""
+    protocol: str | None = None
+    """``few_shot``: the paper's few-shot LoRA protocol, epochs from data.examples_per_task (the runner
+    applies it); None: ``epochs`` / ``train.max_steps`` as given."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in (None, "few_shot"):
+            raise MultitaskConfigError(f"multitask.protocol={self.protocol!r}: expected null or 'few_shot'")
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise MultitaskConfigError(
                 f"multitask.batch_size={self.batch_size!r}: expected a positive integer"
@@ -202,7 +209,7 @@ def train_single_task(
             features,
             config,
             task_config,
-            Path(run_dir) / "tasks" / task,
+            RunDir(run_dir).task(task).root,
             pad_token_id,
             desc=f"LoRA-ST {task}",
         )

@@ -5,21 +5,21 @@ Every score of the reweighting step is an inner product with a combination of va
     G_β = Σ_v β_v ∇ℓ_v,      u_i = ⟨∇ℓ_i, G_β⟩ = Σ_v β_v ⟨∇ℓ_i, ∇ℓ_v⟩ ≈ Σ_v β_v Σ_l (ā_i·ā_v)(ĝ_i·ĝ_v),
 
 and the paper's validation loss L_V = mean_v ℓ_v is β_v = 1/|V|. Two options change β; both are ours, not
-the paper's or its code's, and both are off by default (``ReweightConfig.val_balance`` and
-``shared_direction``). Why they exist (measured in ``docs/benchmarks.md``, probe of part (c)): with an
+the paper's or its code's, and both are off by default (``reweight.direction.balance`` and
+``reweight.direction.shared``). Why they exist (measured in ``docs/benchmarks.md``, probe of part (c)): with an
 answer the size of one token, ∇ℓ_i ≈ c_i J_i, where c_i is the sample's residual on its answer and
 J_i = J_0 + e_i is the gradient of the answer margin. J_0, the part every input shares, dominates, so
 u_i ≈ c_i ⟨J_0, G⟩ + … : the score mostly says which *answer* the validation batch currently pulls
 towards, and a sample with a wrong answer is trusted whenever its answer is the pulled one.
 
-* ``val_balance="answer"``: the validation samples are grouped by their answer (the response tokens);
+* ``balance="answer"``: the validation samples are grouped by their answer (the response tokens);
   each group a pulls with unit strength, whatever its size and residual:
 
       m_a = (1/|a|) Σ_{v∈a} ∇ℓ_v,   G = (1/#groups) Σ_a m_a / ‖m_a‖
       ⇒ β_v = 1 / (#groups · |a(v)| · ‖m_{a(v)}‖),   ‖m_a‖² = (1/|a|²) Σ_{v,v'∈a} K_{vv'}
 
   With a generation task every answer is its own group: each validation gradient enters at unit norm.
-* ``shared_direction="remove"``: the top principal direction of the validation batch's per-sample
+* ``shared="remove"``: the top principal direction of the validation batch's per-sample
   gradients (J_0's, when the answers differ in sign) is projected out of G. With X the [|V|, P] matrix of
   validation gradients and K = X Xᵀ, the top eigenpair (λ, e) of K gives the unit direction
   û = Xᵀe/√λ, and
