@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, randomize_adapter, tiny_model
 
 import metalora as ml
 from metalora.adapters import TargetError, adapter_layers, adapter_parameters, is_task_routed
+from metalora.testing import FAMILIES, VOCAB, randomize_adapter, tiny_model
 
 CONFIGS = {
     "lora": lambda: ml.LoRAConfig(r=4),

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import VOCAB, randomize_adapter, tiny_model
 
 import metalora as ml
 from metalora.adapters import AdapterLoadError, NotMergeableError, is_task_routed
+from metalora.testing import VOCAB, randomize_adapter, tiny_model
 
 NAMES = ["boolq", "piqa", "arc_easy"]
 CONFIGS = {

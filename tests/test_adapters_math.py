@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import VOCAB, randomize_adapter, tiny_model
 
 import metalora as ml
 from metalora.adapters import adapter_layers
@@ -13,6 +12,7 @@ from metalora.adapters.hydra_lora import HydraLoRALayer
 from metalora.adapters.moelora import MoELoRALayer
 from metalora.adapters.mtl_lora import MTLLoRALayer
 from metalora.adapters.multilora import MultiLoRALayer
+from metalora.testing import VOCAB, randomize_adapter, tiny_model
 
 
 def _reference_mtl(layer: MTLLoRALayer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

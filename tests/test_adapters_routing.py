@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, randomize_adapter, tiny_model
 
 import metalora as ml
 from metalora.adapters import TaskRoutingError, adapter_parameters
+from metalora.testing import VOCAB, randomize_adapter, tiny_model
 
 NAMES = ["boolq", "piqa", "arc_easy"]
 

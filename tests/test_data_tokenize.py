@@ -7,10 +7,6 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import PreTrainedTokenizerFast
 
 from metalora.data import (
     IGNORE_INDEX,
@@ -20,6 +16,7 @@ from metalora.data import (
     tokenize_example,
     tokenize_examples,
 )
+from metalora.testing import word_tokenizer
 from metalora.train.loss import per_sample_loss
 
 VOCAB = [
@@ -44,11 +41,7 @@ VOCAB = [
 @pytest.fixture(scope="module")
 def word_tok():
     """A whitespace word-level tokenizer: token ids are the positions in VOCAB, known by hand."""
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return word_tokenizer(VOCAB, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")

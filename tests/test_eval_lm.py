@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from metalora.eval.generation import evaluate_generation, generate, truncate_at_stop
 from metalora.eval.multiple_choice import (
@@ -20,6 +20,7 @@ from metalora.eval.multiple_choice import (
     evaluate_multiple_choice,
     select_shots,
 )
+from metalora.testing import tiny_llama
 
 CORPUS = [
     "The cat sat on the mat.",
@@ -57,22 +58,15 @@ def tok() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def model(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+def model(tok: PreTrainedTokenizerFast) -> PreTrainedModel:
+    return tiny_llama(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         initializer_range=0.3,  # peaked distributions: no near-ties in argmax / greedy decoding
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def mc_items() -> tuple[list[Ex], list[Ex]]:

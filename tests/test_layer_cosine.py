@@ -10,11 +10,11 @@ import torch
 from test_reweight import batches, f64_model, per_sample_gradient, run_step
 from test_train_utils import PAD
 from test_val_direction import explicit_direction, rank_one_rows, val_with_two_answers
-from tiny_models import tiny_model
 
 import metalora as ml
 from metalora.adapters import adapter_parameters
 from metalora.data import collate
+from metalora.testing import tiny_model
 from metalora.train import lora_grads
 from metalora.train import similarity as sim
 from metalora.train.reweight import (

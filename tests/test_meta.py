@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 from test_train_utils import PAD, FailAt, adapter_state, make_features, make_pools, max_abs_diff
-from tiny_models import randomize_adapter, tiny_model
 from torch.func import functional_call
 
 import metalora as ml
 from metalora.adapters import adapter_parameters
 from metalora.data import EpisodicSampler, collate
+from metalora.testing import randomize_adapter, tiny_model
 from metalora.train import Engine, EngineConfig, MetaConfig, MultitaskConfig, train_meta, train_multitask
 from metalora.train.meta import build_sampler, task_query_grad
 

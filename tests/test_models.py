@@ -7,13 +7,10 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from metalora import models
 from metalora.models import ModelNotAvailableError, convert_embedded, embedded_model_dir, load_base
+from metalora.testing import tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +49,11 @@ def test_smollm2_metadata_and_cache(smollm2):
 
 
 def test_local_path_gets_pad_token_and_dtype(tmp_path):
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "hello", "world"])}
-    raw = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="<unk>")
+    tok = word_tokenizer(["<unk>", "<eos>", "hello", "world"], eos_token="<eos>", unk_token="<unk>")
     assert tok.pad_token is None
-    cfg = LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, eos_token_id=1, pad_token_id=None)  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    model = tiny_llama(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, eos_token_id=1, pad_token_id=None)  # fmt: skip
+    model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     model, tok2 = load_base(tmp_path / "tiny", dtype="bf16")
     assert tok2.pad_token == "<eos>" and tok2.pad_token_id == 1 and model.config.pad_token_id == 1

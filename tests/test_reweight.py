@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_train_utils import PAD, adapter_state, make_features, max_abs_diff
-from tiny_models import randomize_adapter, tiny_model
 
 import metalora as ml
 from metalora.adapters import adapter_layers, adapter_parameters, layer_bottlenecks
 from metalora.data import collate
+from metalora.testing import randomize_adapter, tiny_model
 from metalora.train import EngineConfig, lora_grads
 from metalora.train import similarity as sim
 from metalora.train.reweight import (

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import torch
 
+import metalora as ml
+from metalora.adapters import adapter_parameters
+from metalora.testing import randomize_adapter, tiny_model
+from metalora.train import EngineConfig
+from metalora.train.reweight import ReweightConfig, train_reweight
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "low_rank_fused": {},
@@ -34,13 +40,7 @@ CONFIGS = {
 
 
 def train(run_dir: Path, overrides: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    from test_train_utils import PAD, make_features
-    from tiny_models import randomize_adapter, tiny_model
-
-    import metalora as ml
-    from metalora.adapters import adapter_parameters
-    from metalora.train import EngineConfig
-    from metalora.train.reweight import ReweightConfig, train_reweight
+    from test_train_utils import PAD, make_features  # tests/ is on sys.path in pytest and the worker alike
 
     model = ml.add_adapter(
         tiny_model("gpt2", dtype=torch.float64), ml.LoRAConfig(r=4, target_modules=["c_attn", "c_fc"])

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_train_utils import adapter_state, max_abs_diff
-from tiny_models import tiny_model
 
 import metalora as ml
+from metalora.testing import tiny_model
 
 TESTS = Path(__file__).resolve().parent
 
@@ -47,7 +47,7 @@ CASE = textwrap.dedent(
     from metalora.data import EpisodicSampler
     from metalora.train import EngineConfig, MetaConfig, MultitaskConfig, train_meta, train_multitask
     from test_train_utils import PAD, make_pools
-    from tiny_models import tiny_model
+    from metalora.testing import tiny_model
 
     def engine_config():
         return EngineConfig(max_steps=3, lr=1e-2, device="cpu", checkpoint_every=2, progress=False, seed=5)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from test_train_utils import PAD, adapter_state, make_pools, max_abs_diff
-from tiny_models import tiny_model
 
 import metalora as ml
 from metalora.adapters import adapter_parameters
+from metalora.testing import tiny_model
 from metalora.train import (
     EngineConfig,
     MultitaskConfig,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import VOCAB
 
 from metalora.adapters import adapter_parameters
+from metalora.testing import VOCAB
 from metalora.train.batching import count_tokens
 from metalora.train.loss import count_label_tokens
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_reweight import batches, f64_model, per_sample_gradient, run_step, single_sample_stats
 from test_train_utils import PAD, make_features
-from tiny_models import tiny_model
 
 import metalora as ml
 from metalora.adapters import adapter_parameters
 from metalora.data import collate
+from metalora.testing import tiny_model
 from metalora.train import similarity as sim
 from metalora.train.reweight import (
     ReweightConfig,
