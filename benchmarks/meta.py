@@ -50,11 +50,13 @@ from common import (  # noqa: E402
 )
 
 import metalora as ml  # noqa: E402
-from metalora.demo import DEMO_TASK_SPECS  # noqa: E402
+from metalora.cli.demo import demo_task_specs  # noqa: E402
 from metalora.train import Engine, EngineConfig, MetaConfig, MultitaskConfig  # noqa: E402
 from metalora.train.batching import count_tokens, micro_batches  # noqa: E402
 from metalora.train.meta import build_sampler, meta_step  # noqa: E402
 from metalora.train.multitask import EpochBatches, multitask_step, steps_for_epochs  # noqa: E402
+
+DEMO_TASK_SPECS = demo_task_specs()
 
 TASKS = DEMO_TASK_SPECS  # (c) and (d) use the demo's tasks, cloze style (the response is the answer's text)
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]

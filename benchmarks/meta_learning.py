@@ -46,7 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, save, table  # noqa: E402
 
-from metalora.demo import DEMO_TASK_SPECS  # noqa: E402
+from metalora.cli.demo import demo_task_specs  # noqa: E402
+
+DEMO_TASK_SPECS = demo_task_specs()
 
 MODEL = "smollm2-135m"
 STORE = RESULTS / "meta_learning"
@@ -102,7 +104,7 @@ def recipe(method: str, seed: int, rates: dict[str, float], work_dir: Path, key:
 def evaluate(adapter_dir: Path | None, seed: int, split: str, limit: int) -> dict[str, dict[str, float]]:
     import metalora as ml
     from metalora.data import load_tasks
-    from metalora.evaluate import evaluate_tasks
+    from metalora.eval.tasks import evaluate_tasks
 
     tasks = load_tasks(DEMO_TASK_SPECS, seed=seed)
     model, tok = ml.load_base(MODEL)

@@ -227,6 +227,10 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is no embedded default, no local directory and not in the local HF cache."""
+
+
 def load_base(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
@@ -272,10 +276,13 @@ def load_base(
     except OSError as e:
         if embedded or Path(name).exists():
             raise
-        raise OSError(
+        if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):
+            raise ModelNotFoundError(f"cannot load {name!r}: no such model directory") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
             f"cannot load {name!r}: it is not an embedded default ({sorted(EMBEDDED)}), not a local directory, "
-            f"and not in the local HF cache (local_files_only={local_files_only}). Original error: {e}"
-        ) from e
+            f"and not in the local HF cache (local_files_only={local_files_only}). transformers said: {first_line}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:

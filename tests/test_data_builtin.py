@@ -164,7 +164,7 @@ def test_bbh_missing_gives_instructions(monkeypatch):
     monkeypatch.setattr(bbh, "bigbench_roots", lambda: [])
     with pytest.raises(
         MetaloraDataError,
-        match=r"bbh:date_understanding needs the BIG-bench task files.*Do not pip install.*python -m metalora.data.bbh",
+        match=r"bbh:date_understanding needs the BIG-bench task files.*Do not pip install.*python -m metalora.data.fetch_bbh",
     ):
         load_task("bbh:date_understanding")
 

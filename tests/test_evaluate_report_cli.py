@@ -14,7 +14,7 @@ import metalora as ml
 from metalora.adapters import adapter_parameters
 from metalora.cli import main
 from metalora.data import Example, Task
-from metalora.evaluate import evaluate_tasks, mc_view
+from metalora.eval.tasks import evaluate_tasks, mc_view
 from metalora.report import write_report
 
 
@@ -149,7 +149,7 @@ def test_cli_errors_name_the_problem(args, message, tmp_path, capsys):
 def test_binary_metrics_match_sklearn():
     from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
-    from metalora.evaluate import MCView, binary_metrics
+    from metalora.eval.tasks import MCView, binary_metrics
 
     rng = np.random.default_rng(0)
     gold = rng.integers(0, 2, 40).tolist()

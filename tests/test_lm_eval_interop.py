@@ -18,7 +18,7 @@ import metalora as ml  # noqa: E402
 from metalora.data import Task, TaskSpec, load_task  # noqa: E402
 from metalora.eval.lm_eval_task import write_lm_eval_task  # noqa: E402
 from metalora.eval.multiple_choice import evaluate_multiple_choice  # noqa: E402
-from metalora.evaluate import evaluate_tasks, mc_view, route_for  # noqa: E402
+from metalora.eval.tasks import evaluate_tasks, mc_view, route_for  # noqa: E402
 
 TASKS = ["arc_easy", "boolq"]
 N = 20

@@ -126,7 +126,7 @@ def test_regression_metrics_of_generations_match_scipy():
     from scipy.stats import pearsonr
 
     from metalora.eval.generation import GenPrediction
-    from metalora.evaluate import regression_metrics
+    from metalora.eval.tasks import regression_metrics
 
     rows = [("3.8", "4"), ("1", "0.5"), (None, "2"), ("2.5", "2.4"), ("five", "5"), ("4.6", "4.4")]
     preds = [GenPrediction(f"i{j}", "sts", "", p, g, p == g) for j, (p, g) in enumerate(rows)]

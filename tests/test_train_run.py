@@ -178,7 +178,7 @@ def test_lora_st_run_is_evaluated_and_exported_per_task(tmp_path, capsys):
 
     from metalora.cli import main
     from metalora.data import load_task
-    from metalora.evaluate import evaluate_tasks
+    from metalora.eval.tasks import evaluate_tasks
 
     recipe = _recipe(tmp_path, "lora_st")
     recipe["train"]["max_steps"] = 2

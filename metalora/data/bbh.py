@@ -3,7 +3,7 @@
 BBH (Suzgun et al., 2022) is 27 tasks of BIG-bench, asked as ``"Q: {input}\\nA:"`` with the 3-shot
 chain-free exemplars that lm-evaluation-harness ships (``lm_eval/tasks/bbh/fewshot/<task>.yaml``, sampler
 ``first_n``, each task's one-line description in front). There is no hub here, so the test items come
-from the ``bigbench==1.0.0`` sdist's ``benchmark_tasks/**/task.json`` (``python -m metalora.data.bbh``
+from the ``bigbench==1.0.0`` sdist's ``benchmark_tasks/**/task.json`` (``python -m metalora.data.fetch_bbh``
 fetches and unpacks just those files into metalora's cache) and are rendered the way BBH renders them:
 
 * letter tasks (BBH answers ``(A)``, ``(B)``…): ``"Q: {prefix}{input}\\nOptions:\\n(A) …\\nA:"``, scored over
@@ -26,12 +26,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
 import site
-import subprocess
 import sys
-import tarfile
-import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,6 +37,7 @@ import yaml
 
 from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example
+from metalora.models import cache_dir
 
 BIGBENCH_SDIST = "bigbench==1.0.0"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -61,8 +58,6 @@ STOP = ("\n\n", "Q:")
 
 
 def cache_root() -> Path:
-    from metalora.models import cache_dir
-
     return cache_dir() / "bigbench" / "benchmark_tasks"
 
 
@@ -89,7 +84,7 @@ def task_file(task: str) -> Path:
         raise MetaloraDataError(
             f"bbh:{task} needs the BIG-bench task files (bigbench/benchmark_tasks/**/task.json), found nowhere on "
             f"sys.path, site-packages or {cache_root()}. Do not pip install bigbench (it pulls tensorflow): run "
-            "`python -m metalora.data.bbh` to fetch the sdist and unpack the BBH task files into the cache."
+            "`python -m metalora.data.fetch_bbh` to fetch the sdist and unpack the BBH task files into the cache."
         )
     name = ALIASES.get(task, task)
     parts = name.split("_")
@@ -147,6 +142,46 @@ def _free_target(target: Any, shots: tuple[tuple[str, str], ...] | None) -> str:
     return str(target[0])
 
 
+def _mc_item(
+    ex: dict[str, Any], question: str, shots: Any, words: dict[str, str] | None, path: Path, task: str
+) -> tuple[str, list[str], int] | None:
+    """(prompt, options, answer) of a multiple-choice BIG-bench example in BBH's format; None where it has
+    more choices than letters."""
+    choices = list(ex["target_scores"])
+    answer = int(np.argmax([ex["target_scores"][c] for c in choices]))
+    if _letter_task(shots):
+        if len(choices) > len(LETTERS):
+            return None
+        listing = "\n".join(f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
+        options = [f"({LETTERS[j]})" for j in range(len(choices))]
+    else:
+        options = [(words or {}).get(c, c) for c in choices]
+        if shots is not None and not set(options) <= _words(shots):
+            raise MetaloraDataError(
+                f"{path}: bbh:{task} choices {choices} do not map onto BBH's answers {sorted(_words(shots))}"
+            )
+        listing = "\n".join(f"- {o}" for o in options)
+    return f"Q: {question}\nOptions:\n{listing}\nA:", options, answer
+
+
+def _demos(name: str, shots: Any, test_options: list[str] | None) -> list[Example]:
+    """lm-eval's exemplars as examples; for MC tasks the exemplar's answer is one of the scored options, so
+    it renders as "A: (D)"."""
+    demos = []
+    for j, (inp, target) in enumerate(shots or ()):
+        demo_id = f"{name}/fewshot/{j}"
+        if test_options is None:
+            demos.append(Example(f"Q: {inp}\nA:", " " + target, name, demo_id, meta={"target": target}))
+            continue
+        options = list(test_options) if target in test_options else [target]
+        demos.append(
+            Example(
+                f"Q: {inp}\nA:", " " + target, name, demo_id, options=options, answer=options.index(target)
+            )
+        )
+    return demos
+
+
 def load_bbh(task: str, name: str) -> tuple[dict[str, list[Example]], dict[str, Any]]:
     """({"test": items, "fewshot": lm-eval's exemplars}, eval settings) for BBH task ``task``."""
     path = task_file(task)
@@ -154,56 +189,24 @@ def load_bbh(task: str, name: str) -> tuple[dict[str, list[Example]], dict[str, 
     prefix = data.get("task_prefix", "")
     fewshot = lm_eval_fewshot(task)
     description, shots = fewshot if fewshot is not None else ("", None)
-    words = WORD_ANSWERS.get(task)
     test: list[Example] = []
     dropped = 0
     for i, ex in enumerate(data.get("examples", [])):
         ex_id = f"{name}/test/{i}"
         question = (prefix + ex["input"]).strip()
-        if "target_scores" in ex:
-            choices = list(ex["target_scores"])
-            answer = int(np.argmax([ex["target_scores"][c] for c in choices]))
-            if _letter_task(shots):
-                if len(choices) > len(LETTERS):  # more choices than letters: BBH drops such items too
-                    dropped += 1
-                    continue
-                listing = "\n".join(f"({LETTERS[j]}) {c}" for j, c in enumerate(choices))
-                options = [f"({LETTERS[j]})" for j in range(len(choices))]
-            else:
-                options = [(words or {}).get(c, c) for c in choices]
-                if shots is not None and not set(options) <= _words(shots):
-                    raise MetaloraDataError(
-                        f"{path}: bbh:{task} choices {choices} do not map onto BBH's answers "
-                        f"{sorted(_words(shots))}"
-                    )
-                listing = "\n".join(f"- {o}" for o in options)
-            prompt = f"Q: {question}\nOptions:\n{listing}\nA:"
-            test.append(Example(prompt, " " + options[answer], name, ex_id, options=options, answer=answer))
-        else:
+        if "target_scores" not in ex:
             target = _free_target(ex["target"], shots)
             test.append(Example(f"Q: {question}\nA:", " " + target, name, ex_id, meta={"target": target}))
+            continue
+        item = _mc_item(ex, question, shots, WORD_ANSWERS.get(task), path, task)
+        if item is None:  # more choices than letters: BBH drops such items too
+            dropped += 1
+            continue
+        prompt, options, answer = item
+        test.append(Example(prompt, " " + options[answer], name, ex_id, options=options, answer=answer))
     if not test:
         raise MetaloraDataError(f"{path}: no examples")
-    mc = test[0].options is not None
-    demos = []
-    for j, (inp, target) in enumerate(shots or ()):
-        demo_id = f"{name}/fewshot/{j}"
-        if mc:  # the exemplar's answer as one of the scored options, so it renders as "A: (D)"
-            options = list(test[0].options or [])
-            if target not in options:
-                options = [target]
-            demos.append(
-                Example(
-                    f"Q: {inp}\nA:",
-                    " " + target,
-                    name,
-                    demo_id,
-                    options=options,
-                    answer=options.index(target),
-                )
-            )
-        else:
-            demos.append(Example(f"Q: {inp}\nA:", " " + target, name, demo_id, meta={"target": target}))
+    demos = _demos(name, shots, test[0].options)
     settings = {
         "shots": len(demos),
         "fewshot_sampler": "first_n",
@@ -218,54 +221,6 @@ def load_bbh(task: str, name: str) -> tuple[dict[str, list[Example]], dict[str, 
     return {"test": test, "fewshot": demos}, settings
 
 
-def install(dest: Path | None = None) -> Path:
-    """Download the ``bigbench`` sdist with pip (no install, no dependencies) and unpack only the BBH task
-    files into ``dest`` (default: metalora's cache); a no-op when they are there."""
-    dest = dest or cache_root()
-    marker = dest / ".complete"
-    if marker.is_file():
-        return dest
-    names = [ALIASES.get(t, t) for t in BBH_TASKS if t not in UNBUILDABLE]
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                BIGBENCH_SDIST,
-                "-d",
-                tmp,
-            ],
-            check=True,
-        )
-        sdist = next(Path(tmp).glob("bigbench-*.tar.gz"))
-        staging = Path(tmp) / "unpacked"
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                parts = Path(member.name).parts
-                if "benchmark_tasks" not in parts or not member.isfile() or parts[-1] != "task.json":
-                    continue
-                rel = Path(*parts[parts.index("benchmark_tasks") + 1 :])
-                top = rel.parts[0]
-                if not any(n == top or n.startswith(top + "_") for n in names):
-                    continue
-                source = tar.extractfile(member)
-                assert source is not None
-                target = staging / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(source.read())
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.move(staging, dest)
-    marker.write_text(BIGBENCH_SDIST + "\n")
-    return dest
-
-
 BBH_TASKS = [
     "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa", "dyck_languages",
     "formal_fallacies", "geometric_shapes", "hyperbaton", "logical_deduction_five_objects",
@@ -276,7 +231,3 @@ BBH_TASKS = [
     "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects", "web_of_lies",
     "word_sorting",
 ]  # fmt: skip
-
-
-if __name__ == "__main__":
-    print(f"BBH task files in {install()}")

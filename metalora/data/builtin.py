@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from metalora.data.bbh import load_bbh
 from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example
 from metalora.data.templates import mc_example
@@ -349,8 +350,6 @@ def _mbpp(name: str, mc: str) -> dict[str, list[Example]]:
 
 def _bbh(task: str) -> Loader:
     def load(name: str, mc: str) -> tuple[dict[str, list[Example]], dict[str, Any]]:
-        from metalora.data.bbh import load_bbh  # lazily: `python -m metalora.data.bbh` runs it as __main__
-
         return load_bbh(task, name)
 
     return load  # type: ignore[return-value]

@@ -29,6 +29,16 @@ from metalora.data.templates import MC_RESPONSES, SCHEMAS, record_to_example
 NATIVE_SPLIT_MAP = {"validation": "train", "dev": "dev", "test": "test"}
 
 
+def check_task_name(name: Any) -> None:
+    """A task name names a directory of a LoRA-ST run (``tasks/<name>/``) and a metrics key, so it must
+    be a plain name: non-empty, no path separator, not starting with a dot (which also refuses ``..``)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise MetaloraDataError(
+            f"task name {name!r}: expected a plain name (letters, digits, '_', '-', ':' ...) with no path "
+            "separator and no leading '.'"
+        )
+
+
 @dataclass
 class TaskSpec:
     """The config of one task. Exactly one of ``builtin`` / ``path``; if neither is set, ``name`` is
@@ -74,8 +84,7 @@ class TaskSpec:
     """License of a user source, recorded in ``Task.meta``."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise MetaloraDataError("TaskSpec.name must be a non-empty string")
+        check_task_name(self.name)
         if self.builtin is not None and self.path is not None:
             raise MetaloraDataError(f"task {self.name!r}: set either builtin or path, not both")
         if self.builtin is None and self.path is None:

@@ -54,8 +54,28 @@ def get_field(record: dict[str, Any], name: str, where: str) -> Any:
     return value
 
 
+def get_text(record: dict[str, Any], name: str, where: str) -> str:
+    """``get_field`` for a field that holds text: a string, or a number written as text. A list or a dict
+    (a nested record) raises rather than being templated as its Python repr."""
+    value = get_field(record, name, where)
+    if isinstance(value, (list, dict, tuple)) or value is None:
+        raise MetaloraDataError(
+            f"{where}: field {name!r} holds {type(value).__name__ if value is not None else 'null'}, "
+            "expected text (a string or a number)"
+        )
+    return str(value)
+
+
 def fill_template(template: str, record: dict[str, Any], where: str) -> str:
-    """``template.format(**record)``; a placeholder with no matching field raises like `get_field`."""
+    """``template.format(**record)``; a placeholder with no matching field raises like `get_field`, and a
+    placeholder whose whole value is a list or a dict raises like `get_text` (use ``{field[0]}`` to index)."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError as e:
+        raise MetaloraDataError(f"{where}: bad template {template!r}: {e}") from None
+    for name in names:
+        if name in record:
+            get_text(record, name, where)
     try:
         return template.format_map(record)
     except KeyError as e:
@@ -149,6 +169,24 @@ def _messages_example(record: dict[str, Any], field: str, task: str, id: str, wh
     )
 
 
+def _options_and_answer(
+    record: dict[str, Any], options_field: str | list[str] | None, answer_field: str | None, where: str
+) -> tuple[list[str] | None, int | None]:
+    """The record's options (one list column, or one column per option) and the gold option's index."""
+    if options_field is None:
+        return None, None
+    if isinstance(options_field, str):
+        options = get_field(record, options_field, where)
+    else:  # one column per option
+        options = [get_field(record, f, where) for f in options_field]
+    if not isinstance(options, list) or not options:
+        raise MetaloraDataError(f"{where}: field {options_field!r} must be a non-empty list of options")
+    options = [str(o) for o in options]
+    if answer_field is None:
+        raise MetaloraDataError(f"{where}: options_field is set but answer_field is not")
+    return options, parse_answer(get_field(record, answer_field, where), options, where)
+
+
 def record_to_example(
     record: dict[str, Any],
     *,
@@ -177,8 +215,8 @@ def record_to_example(
       MC rendering of the module docstring.
     """
     if schema == "alpaca":
-        instruction = str(get_field(record, "instruction", where))
-        output = str(get_field(record, "output", where))
+        instruction = get_text(record, "instruction", where)
+        output = get_text(record, "output", where)
         inp = str(record.get("input") or "")
         tpl = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
         return Example(tpl.format(instruction=instruction, input=inp), output, task, id)
@@ -190,23 +228,12 @@ def record_to_example(
     if prompt_template is not None:
         prompt = fill_template(prompt_template, record, where)
     else:
-        prompt = str(get_field(record, prompt_field, where))
-    options = answer = None
-    if options_field is not None:
-        if isinstance(options_field, str):
-            options = get_field(record, options_field, where)
-        else:  # one column per option
-            options = [get_field(record, f, where) for f in options_field]
-        if not isinstance(options, list) or not options:
-            raise MetaloraDataError(f"{where}: field {options_field!r} must be a non-empty list of options")
-        options = [str(o) for o in options]
-        if answer_field is None:
-            raise MetaloraDataError(f"{where}: options_field is set but answer_field is not")
-        answer = parse_answer(get_field(record, answer_field, where), options, where)
+        prompt = get_text(record, prompt_field, where)
+    options, answer = _options_and_answer(record, options_field, answer_field, where)
     if response_template is not None:
         response = fill_template(response_template, record, where)
     elif response_field is not None and (options is None or response_field in record):
-        response = str(get_field(record, response_field, where))
+        response = get_text(record, response_field, where)
     elif options is not None and answer is not None:
         return mc_example(task, id, prompt, options, answer, mc_response)
     else:

@@ -95,6 +95,24 @@ def _encode_prompt(tokenizer: Any, text: str, add_bos_token: bool) -> list[int]:
     return ids
 
 
+def _left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with left padding: every prompt ends at the last column."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+        mask[row, width - len(e) :] = 1
+    return ids, mask
+
+
+def _decode_new(tokenizer: Any, new: list[int], stop: Sequence[str]) -> str:
+    """The generated tokens up to the first EOS, decoded without special tokens, cut at a stop string."""
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return truncate_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -131,13 +149,8 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     try:
         for batch in tqdm(batches, desc="generate", disable=not progress):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: every prompt ends at column width-1
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
-                mask[row, width - len(encoded[i]) :] = 1
-            criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, width)] if stop else [])
+            ids, mask = _left_padded([encoded[i] for i in batch], pad)
+            criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, ids.shape[1])] if stop else [])
             names = [task_names[i] for i in batch]
             ctx = forward_context(names) if forward_context else contextlib.nullcontext()
             with ctx:
@@ -152,10 +165,7 @@ def generate(
                     stopping_criteria=criteria,
                 )
             for row, i in enumerate(batch):
-                new = seqs[row, width:].tolist()
-                if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
-                    new = new[: new.index(tokenizer.eos_token_id)]
-                out[i] = truncate_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+                out[i] = _decode_new(tokenizer, seqs[row, ids.shape[1] :].tolist(), stop)
     finally:
         model.train(was_training)
     return out
@@ -220,6 +230,13 @@ def evaluate_generation(
         pred = extract(text)
         gold = _gold(item, extract_gold)
         predictions.append(GenPrediction(item.id, item.task, text, pred, gold, exact_match(pred, gold)))
+    return GenResult(predictions, *_exact_match_rates(predictions))
+
+
+def _exact_match_rates(
+    predictions: list[GenPrediction],
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Exact match and item count per task and overall (empty overall for no items)."""
     groups: dict[str, list[GenPrediction]] = defaultdict(list)
     for p in predictions:
         groups[p.task].append(p)
@@ -232,4 +249,4 @@ def evaluate_generation(
         if predictions
         else {}
     )
-    return GenResult(predictions, per_task, overall)
+    return per_task, overall

@@ -1,6 +1,6 @@
 """Write metalora multiple-choice examples as a local lm-evaluation-harness task (JSONL + task YAML).
 
-The task scores exactly what ``metalora eval`` scores (``metalora.evaluate``), so both tools give the
+The task scores exactly what ``metalora eval`` scores (``metalora.eval.tasks``), so both tools give the
 same log-likelihoods and accuracies on the same items:
 
 - context: the example's ``prompt`` as is (``doc_to_text: query``; no template, no stripping), preceded
@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from metalora.data import Example
-from metalora.evaluate import mc_view
+from metalora.eval.tasks import mc_view
 
 __all__ = ["write_lm_eval_task"]
 
@@ -76,7 +76,7 @@ def write_lm_eval_task(
 
     ``examples``: multiple-choice ``Example``s (options and an answer each), scored in this order.
     ``fewshot``/``num_fewshot``: the first ``num_fewshot`` of ``fewshot`` precede every prompt, as
-    ``metalora.evaluate`` does with ``shots=num_fewshot`` and the task's dev split as pool (the pool must
+    ``metalora.eval.tasks`` does with ``shots=num_fewshot`` and the task's dev split as pool (the pool must
     not contain the scored items). ``description`` heads every context (e.g. MMLU's header line).
     """
     if not _NAME.match(task_name):

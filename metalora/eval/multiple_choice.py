@@ -343,26 +343,29 @@ def evaluate_multiple_choice(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = loglikelihoods(model, requests, names, batch_size, forward_context, max_length, pad, progress)
 
-    predictions = []
-    for item, (start, end) in zip(items, spans, strict=True):
-        lls = [scores[i][0] for i in range(start, end)]
-        n_tok = [len(requests[i][1]) for i in range(start, end)]
-        n_chr = [len(o) for o in item.options]
-        predictions.append(
-            MCPrediction(
-                id=item.id,
-                task=item.task,
-                answer=item.answer,
-                loglikelihoods=lls,
-                num_tokens=n_tok,
-                num_chars=n_chr,
-                is_greedy=[scores[i][1] for i in range(start, end)],
-                pred=_argmax(lls),
-                pred_norm=_argmax([ll / max(c, 1) for ll, c in zip(lls, n_chr, strict=True)]),
-                pred_token=_argmax([ll / t for ll, t in zip(lls, n_tok, strict=True)]),
-            )
-        )
+    predictions = [
+        _prediction(item, [scores[i] for i in range(a, b)], [len(requests[i][1]) for i in range(a, b)])
+        for item, (a, b) in zip(items, spans, strict=True)
+    ]
     return MCResult(predictions, *_accuracies(predictions))
+
+
+def _prediction(item: MCItem, scores: list[tuple[float, bool]], n_tok: list[int]) -> MCPrediction:
+    """One item's prediction from its options' (log-likelihood, is-greedy) and continuation token counts."""
+    lls = [ll for ll, _ in scores]
+    n_chr = [len(o) for o in item.options]
+    return MCPrediction(
+        id=item.id,
+        task=item.task,
+        answer=item.answer,
+        loglikelihoods=lls,
+        num_tokens=n_tok,
+        num_chars=n_chr,
+        is_greedy=[greedy for _, greedy in scores],
+        pred=_argmax(lls),
+        pred_norm=_argmax([ll / max(c, 1) for ll, c in zip(lls, n_chr, strict=True)]),
+        pred_token=_argmax([ll / t for ll, t in zip(lls, n_tok, strict=True)]),
+    )
 
 
 def _accuracies(predictions: Sequence[MCPrediction]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:

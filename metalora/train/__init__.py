@@ -10,6 +10,8 @@ from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, NonFiniteLossError, StepOutput
 from metalora.train.meta import MetaConfig, meta_step, train_meta
 from metalora.train.multitask import MultitaskConfig, multitask_step, train_multitask, train_single_task
+from metalora.train.reweight import ReweightConfig, train_reweight
+from metalora.train.runner import run
 
 __all__ = [
     "Counters",
@@ -28,15 +30,3 @@ __all__ = [
     "train_reweight",
     "train_single_task",
 ]
-
-
-def __getattr__(name: str):
-    if name in ("ReweightConfig", "train_reweight"):
-        from metalora.train import reweight
-
-        return getattr(reweight, name)
-    if name == "run":
-        from metalora.train.runner import run
-
-        return run
-    raise AttributeError(f"module 'metalora.train' has no attribute {name!r}")

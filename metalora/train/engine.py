@@ -38,6 +38,7 @@ from torch import nn
 
 from metalora import atomic
 from metalora.adapters import adapter_parameters, is_task_routed, save_adapter, task_ids
+from metalora.rundir import RunDir
 from metalora.train import checkpoint
 from metalora.train import distributed as dist_utils
 from metalora.train.counters import Counters, peak_memory
@@ -176,11 +177,10 @@ class Engine:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
         self.counters = Counters()
-        self.run_dir = Path(run_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.logger = MetricsLogger(
-            self.run_dir / "metrics.jsonl", enabled=self.is_main, tensorboard=config.tensorboard
-        )
+        self.run = RunDir(run_dir)
+        self.run_dir = self.run.root
+        self.checkpoint_dir = self.run.checkpoints
+        self.logger = MetricsLogger(self.run.metrics, enabled=self.is_main, tensorboard=config.tensorboard)
         self.step = 0
 
     # --- building blocks for algorithms -------------------------------------------------------------
@@ -332,7 +332,7 @@ class Engine:
         self.save_checkpoint(cfg.max_steps, stateful, extra_state)
         self._finish(status="completed")
         if self.is_main:
-            save_adapter(self.model, self.run_dir / "adapter")
+            save_adapter(self.model, self.run.adapter)
         dist_utils.barrier()
         self.logger.close()
         return self.counters
@@ -366,7 +366,7 @@ class Engine:
     def _finish(self, status: str) -> None:
         self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
         if self.is_main:
-            atomic.write_json(self.run_dir / "counters.json", {"status": status, **self.counters.to_dict()})
+            atomic.write_json(self.run.counters, {"status": status, **self.counters.to_dict()})
 
     # --- checkpoints ----------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metalora.data import EpisodicSampler
 from metalora.train import distributed as dist_utils
 from metalora.train.batching import Feature, count_tokens, micro_batches
 from metalora.train.counters import Counters
@@ -150,8 +151,6 @@ def build_sampler(
     pools: dict[str, list[Feature]], config: MetaConfig, task_to_id: dict[str, int] | None = None
 ):
     """The data layer's ``EpisodicSampler`` over per-task pools of tokenized features."""
-    from metalora.data import EpisodicSampler
-
     return EpisodicSampler(
         pools,
         config.n_tasks,

@@ -1,65 +1,25 @@
 """The ``metalora`` command: train, eval, export, select, demo.
 
-Each sub-command parses its arguments here and calls one library function; errors the user can fix
-(a bad config key or value, a missing file) are printed as one clear line and exit with status 2.
+The command layer: this module builds the parser; each sub-command lives in ``metalora/cli/<command>.py``
+as ``run(args)``, which calls the library. Errors the user can fix (a bad config key or value, a missing
+file) are printed as one clear line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
-class UsageError(ValueError):
-    """A problem with the command line or a file it names that the user can fix."""
+def _command(name: str):
+    """The sub-command's ``run(args)``, imported only when that command runs (a fast ``--help``)."""
 
+    def run(args: argparse.Namespace) -> None:
+        importlib.import_module(f"metalora.cli.{name}").run(args)
 
-def _train(args: argparse.Namespace) -> None:
-    from metalora.report import write_report
-    from metalora.train import run
-
-    run_dir = run(args.config, overrides=args.overrides)
-    report = write_report(run_dir)
-    print(f"run directory: {run_dir}\nreport: {report}")
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from metalora.evaluate import evaluate_cli
-
-    evaluate_cli(args)
-
-
-def _export(args: argparse.Namespace) -> None:
-    from metalora.export import export_cli
-
-    export_cli(args)
-
-
-def _select(args: argparse.Namespace) -> None:
-    from metalora.select import select_jsonl
-
-    for path in (args.candidates, args.target):
-        if not Path(path).is_file():
-            raise UsageError(f"file not found: {path}")
-    summary = select_jsonl(
-        args.method,
-        args.candidates,
-        args.target,
-        args.out,
-        k=args.k,
-        ratio=args.ratio,
-        seed=args.seed,
-        text_fields=args.text_fields.split(",") if args.text_fields else None,
-    )
-    print(summary)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from metalora.demo import run_demo
-
-    run_demo(quick=args.quick, out_dir=args.out)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_command("train"))
 
     p = sub.add_parser(
         "eval",
@@ -116,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="split seed (default: a run directory's data.seed, else 0) and few-shot sampling seed",
     )
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=_command("eval"))
 
     p = sub.add_parser(
         "export",
@@ -135,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="task name or id (MTL-LoRA and MoELoRA need one; for a LoRA-ST run, the task whose adapter to export)",
     )
     p.add_argument("--base", default=None, help="base model (default: the one recorded with the adapter)")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_command("export"))
 
     p = sub.add_parser(
         "select",
@@ -151,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=None, help="MIX: fraction of target rows in the mixture")
     p.add_argument("--text-fields", default=None, help="comma-separated fields whose text is compared")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_select)
+    p.set_defaults(func=_command("select"))
 
     p = sub.add_parser(
         "demo",
@@ -162,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="a ~2-minute version (CI smoke test)")
     p.add_argument("--out", default="runs/demo", help="run directory")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_command("demo"))
     return parser
 
 
@@ -171,10 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, FileNotFoundError) as exc:
-        print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # config / data validation errors carry their own clear message
+    except (FileNotFoundError, ValueError) as exc:  # validation errors carry their own clear message
         print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""``metalora eval``: evaluate a model (base, metalora adapter, run, or PEFT adapter) on tasks, per task.
+"""Scoring tasks: a model (base or adapted) on built-in or file tasks, per task.
 
 Multiple-choice tasks are scored by log-likelihood (``metalora.eval.multiple_choice``). The scored
 continuation of option j is the same text the model is trained to produce for it, following the task's
@@ -15,21 +15,18 @@ task ids (one pass per id: an ensemble of the per-task adapters), or a task name
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import yaml
 from torch import nn
 
-import metalora as ml
-from metalora.data import Example, Task, TaskSpec, load_task
+from metalora.adapters import is_task_routed, task_ids, task_names
+from metalora.data import Example, Task
 from metalora.data.templates import format_mc_response
+from metalora.eval.extract import normalize_number
 from metalora.eval.generation import evaluate_generation
+from metalora.eval.metrics import auc_roc, f1, matthews_corrcoef, pearson
 from metalora.eval.multiple_choice import evaluate_multiple_choice
 
 
@@ -145,7 +142,7 @@ def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task
             **protocol,
         )
 
-    trained = ml.task_names(model) if ml.is_task_routed(model) else None
+    trained = task_names(model) if is_task_routed(model) else None
     if trained is None or name in trained or unseen_task != "uniform":
         res = run(route_for(model, name, unseen_task))
         stats = res.per_task[name]
@@ -157,7 +154,7 @@ def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task
         }
     # uniform: average each option's log-likelihood over every trained task id
     per_id = [
-        run(lambda names, t=t: ml.task_ids(model, [t] * len(names))).predictions for t in range(len(trained))
+        run(lambda names, t=t: task_ids(model, [t] * len(names))).predictions for t in range(len(trained))
     ]
     correct = correct_norm = 0
     for j, view in enumerate(views):
@@ -178,8 +175,6 @@ def binary_metrics(views: list[MCView], loglikelihoods: list) -> dict[str, float
     """For two-option tasks (BoolQ, RTE, MRPC, SST-2, ...): F1 and MCC of the argmax prediction (option
     index 1 = positive class), and AUC-ROC of the score LL(option 1) − LL(option 0). Empty otherwise, or
     where a metric is undefined on these items (a single class)."""
-    from metalora.eval.metrics import auc_roc, f1, matthews_corrcoef
-
     if not views or any(len(v.options) != 2 or v.answer is None for v in views):
         return {}
     gold = [v.answer for v in views]
@@ -199,9 +194,6 @@ def regression_metrics(predictions: list) -> dict[str, float]:
     between predicted and gold numbers over the items whose prediction is a number, and the fraction of
     items that parsed (``parsed``; the others are left out of r, not scored as 0). Empty when a gold answer
     is not a number or r is undefined (fewer than 2 parsed items, or one side constant)."""
-    from metalora.eval.extract import normalize_number
-    from metalora.eval.metrics import pearson
-
     golds = [normalize_number(p.gold) if p.gold else None for p in predictions]
     if not predictions or any(g is None for g in golds):
         return {}
@@ -221,154 +213,8 @@ def regression_metrics(predictions: list) -> dict[str, float]:
 def route_for(model: nn.Module, name: str, unseen_task: str | int):
     """forward_context routing every row to task ``name`` (or ``unseen_task`` if it was not trained); None
     for adapters that do not route by task."""
-    trained = ml.task_names(model) if ml.is_task_routed(model) else None
+    trained = task_names(model) if is_task_routed(model) else None
     if trained is None:
         return None
     target = name if name in trained else unseen_task
-    return lambda names: ml.task_ids(model, [target] * len(names))
-
-
-def load_eval_target(target: str, base: str | None = None) -> tuple[nn.Module, Any, str]:
-    """(model, tokenizer, kind) for a run dir, a metalora adapter dir, a PEFT adapter dir, or a base name."""
-    from metalora.adapters.io import read_adapter_record
-    from metalora.export import adapter_dir
-    from metalora.models import load_base
-
-    path = Path(target)
-    if (path / "adapter_config.json").is_file():  # a PEFT adapter
-        import peft
-
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        base_name = base or cfg.get("base_model_name_or_path")
-        if not base_name:
-            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; pass --base")
-        model, tok = load_base(base_name)
-        return peft.PeftModel.from_pretrained(model, str(path)).eval(), tok, "peft"
-    if path.exists():
-        directory = adapter_dir(path)
-        base_name = base or read_adapter_record(directory).get("base_model")
-        model, tok = load_base(base_name)
-        return ml.load_adapter(model, directory).eval(), tok, "metalora"
-    model, tok = load_base(target)
-    return model.eval(), tok, "base"
-
-
-def base_name_of(target: str) -> str:
-    """The base model a target was trained from (the target itself for a base model name)."""
-    from metalora.adapters.io import read_adapter_record
-    from metalora.export import adapter_dir
-
-    path = Path(target)
-    if (path / "adapter_config.json").is_file():
-        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if path.exists():
-        from metalora.export import task_adapters
-
-        per_task = task_adapters(path)
-        return read_adapter_record(next(iter(per_task.values()), None) or adapter_dir(path))["base_model"]
-    return target
-
-
-def format_table(
-    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None = None
-) -> str:
-    lines = ["| task | n | metric | base | adapted | Δ |", "|---|---|---|---|---|---|"]
-    for name, stats in after.items():
-        metric = stats.get("primary", "exact_match" if "exact_match" in stats else "acc")
-        b = before[name][metric] if before else float("nan")
-        lines.append(
-            f"| {name} | {stats['n']} | {metric} | {b:.3f} | {stats[metric]:.3f} | {stats[metric] - b:+.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def eval_tasks_for(target: str, tasks_arg: str | None, seed: int | None) -> tuple[list[Task], int]:
-    """The tasks to evaluate and the split seed.
-
-    ``--tasks`` is comma-separated: built-in names, the run's own task names, and YAML/JSON files holding
-    a task spec, a list of them, ``{tasks: [...]}`` or a whole run recipe. By default, a run directory's
-    own ``data.tasks`` and ``data.seed`` from its ``config.yaml`` (so a run is scored on the held-out
-    split of the data it was trained on)."""
-    config_file = Path(target) / "config.yaml"
-    run_data = yaml.safe_load(config_file.read_text())["data"] if config_file.is_file() else None
-    seed = seed if seed is not None else int(run_data["seed"]) if run_data else 0
-    if tasks_arg is None:
-        if run_data is None:
-            raise ValueError(f"--tasks is required: {target} is not a run directory with a config.yaml")
-        return [load_task(spec, seed=seed) for spec in run_data["tasks"]], seed
-    run_specs = {spec.name: spec for spec in map(TaskSpec.coerce, run_data["tasks"] if run_data else [])}
-    specs: list[Any] = []
-    for item in (t.strip() for t in tasks_arg.split(",")):
-        if not item:
-            continue
-        path = Path(item)
-        if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
-            loaded = yaml.safe_load(path.read_text())  # JSON is YAML
-            if isinstance(loaded, dict) and isinstance(loaded.get("data"), dict):  # a run recipe
-                loaded = loaded["data"].get("tasks") or []
-            elif isinstance(loaded, dict) and "tasks" in loaded:
-                loaded = loaded["tasks"]
-            specs += loaded if isinstance(loaded, list) else [loaded]
-        elif path.suffix in (".yaml", ".yml", ".json"):
-            raise FileNotFoundError(f"--tasks: task spec file {path} not found")
-        else:  # one of the run's own tasks (its spec, e.g. a file), else a built-in name
-            specs.append(run_specs.get(item, TaskSpec(name=item)))
-    return [load_task(spec, seed=seed) for spec in specs], seed
-
-
-def evaluate_cli(args: argparse.Namespace) -> None:
-    from metalora.export import task_adapters
-
-    tasks, seed = eval_tasks_for(args.target, args.tasks, args.seed)
-    unseen: str | int = int(args.unseen_task) if args.unseen_task.isdigit() else args.unseen_task
-    kwargs = dict(split=args.split, shots=args.shots, limit=args.limit, batch_size=args.batch_size, seed=seed)
-    per_task = task_adapters(args.target)
-    with torch.no_grad():
-        if per_task:  # LoRA-ST: each task with its own adapter
-            missing = [t.name for t in tasks if t.name not in per_task]
-            if missing:
-                raise ValueError(
-                    f"{args.target} is a LoRA-ST run with adapters for {', '.join(per_task)}; "
-                    f"none for {', '.join(missing)}"
-                )
-            after, kind = {}, "metalora_st"
-            for task in tasks:
-                model, tok, _ = load_eval_target(str(per_task[task.name]), args.base)
-                after |= evaluate_tasks(model, tok, [task], unseen_task=unseen, **kwargs)
-        else:
-            model, tok, kind = load_eval_target(args.target, args.base)
-            after = evaluate_tasks(model, tok, tasks, unseen_task=unseen, **kwargs)
-        before = None
-        if kind != "base":
-            from metalora.models import load_base
-
-            base_model, base_tok = load_base(args.base or base_name_of(args.target))
-            before = evaluate_tasks(base_model.eval(), base_tok, tasks, **kwargs)
-    print(format_table(after, before))
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(args.target) / "eval.json" if Path(args.target).is_dir() else Path("eval.json"))
-    )
-    from metalora import atomic
-
-    atomic.write_json(
-        out,
-        {
-            "target": args.target,
-            "kind": kind,
-            "split": args.split,
-            "seed": seed,
-            "after": after,
-            "base": before,
-        },
-    )
-    print(f"results written to {out}")
-    if (
-        kind.startswith("metalora")
-        and out.parent == Path(args.target)
-        and (out.parent / "metrics.jsonl").is_file()
-    ):
-        from metalora.report import write_report
-
-        print(f"report: {write_report(out.parent)}")
+    return lambda names: task_ids(model, [target] * len(names))

@@ -1,0 +1,339 @@
+"""``RunConfig``: the typed run recipe (a YAML file or a dict, plus ``dotted.key=value`` overrides).
+
+    name: meta_lora              # run directory name under output_dir (default: the YAML file's stem)
+    output_dir: runs
+    algorithm: meta              # meta | lora_mt | lora_st | reweight
+    model: smollm2-135m          # load_base name or local path
+    dtype: float32               # parameter dtype of the base model
+    adapter: {type: lora, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}
+    data: DataConfig fields      # tasks is required
+    meta: MetaConfig fields      # algorithm: meta
+    multitask: MultitaskConfig fields (+ protocol: few_shot | null)   # lora_mt / lora_st
+    reweight: ReweightConfig fields                                   # algorithm: reweight
+    train: EngineConfig fields
+
+Every section is a dataclass; ``coerce_fields`` is the one validation helper: it checks each value
+against the field's annotation (so an override ``train.lr=1e-4``, which YAML 1.1 reads as a string, becomes
+a float, and ``train.max_steps=ten`` names the key and the expected type), then the section's own
+``__post_init__`` checks ranges. ``RunConfig.from_yaml(path, overrides).to_dict()`` is what the run saves
+as ``config.yaml``, and ``RunConfig.from_dict(to_dict())`` gives the same config back.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from metalora.adapters.api import ADAPTER_TYPES, config_from_dict
+from metalora.adapters.targets import DEFAULT_ATTENTION_TARGETS
+from metalora.data import TaskSpec
+from metalora.train.engine import EngineConfig
+from metalora.train.meta import MetaConfig
+from metalora.train.multitask import MultitaskConfig
+from metalora.train.reweight import ReweightConfig
+
+Algorithm = Literal["meta", "lora_mt", "lora_st", "reweight"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+
+
+class RunConfigError(ValueError):
+    """A recipe or override that cannot be resolved."""
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section: which tasks, how many examples, how they are tokenized and split."""
+
+    tasks: list[Any] = field(default_factory=list)
+    """Built-in task names, task spec dicts or files (required, non-empty)."""
+    examples_per_task: int | None = 50
+    """Few-shot pool per task (None: each task's whole train split)."""
+    max_length: int = 256
+    """Tokens per sample after truncation."""
+    template: str = "plain"
+    """Prompt template: ``plain`` or ``chat`` (the tokenizer's chat template)."""
+    truncate: str = "left_prompt"
+    """How an over-long sample is cut (see ``metalora.data.tokenize``)."""
+    seed: int = 0
+    """Seed of the train/dev/test split and of the few-shot draw."""
+    val_task: Any = None
+    """Reweighting: the trusted validation set (a task name, spec dict or file)."""
+    val_split: str = "dev"
+    """Reweighting: the split of ``val_task`` to score against."""
+    val_examples: int | None = None
+    """Reweighting: at most this many validation examples (None: the whole split)."""
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise RunConfigError(
+                "data.tasks is empty: give the tasks to train on, e.g. data.tasks=[arc_easy,boolq]"
+            )
+        if self.examples_per_task is not None and self.examples_per_task <= 0:
+            raise RunConfigError(
+                f"data.examples_per_task={self.examples_per_task!r}: expected positive or null"
+            )
+
+    @property
+    def task_names(self) -> list[str]:
+        return [TaskSpec.coerce(spec).name for spec in self.tasks]
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "meta": MetaConfig,
+    "multitask": MultitaskConfig,
+    "reweight": ReweightConfig,
+    "train": EngineConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """One training run: top-level keys and one typed section each (see the module docstring)."""
+
+    data: DataConfig
+    name: str | None = None
+    output_dir: str = "runs"
+    algorithm: Algorithm = "meta"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    adapter: dict[str, Any] = field(
+        default_factory=lambda: {
+            "type": "lora",
+            "r": 16,
+            "alpha": 32,
+            "target_modules": list(DEFAULT_ATTENTION_TARGETS),
+        }
+    )
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    reweight: ReweightConfig | None = None
+    train: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        kind = self.adapter.get("type", "lora")
+        if kind not in ADAPTER_TYPES:
+            raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+        if self.algorithm == "reweight":
+            if not self.data.val_task:
+                raise RunConfigError(
+                    "algorithm=reweight needs data.val_task: the trusted validation task or file"
+                )
+            self.reweight = self.reweight or ReweightConfig()
+
+    # --- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise RunConfigError(f"config file {path} not found")
+        loaded = read_yaml(path) or {}
+        if not isinstance(loaded, Mapping):
+            raise RunConfigError(f"{path}: the top level must be a mapping of sections")
+        return cls.from_dict(loaded, overrides, default_name=path.stem)
+
+    @classmethod
+    def from_dict(
+        cls, recipe: Mapping[str, Any], overrides: Sequence[str] = (), default_name: str | None = None
+    ) -> RunConfig:
+        raw = copy.deepcopy(dict(recipe))
+        for item in overrides:
+            apply_override(raw, item)
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            raise RunConfigError(
+                f"unknown config key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}"
+            )
+        values: dict[str, Any] = coerce_fields(cls, {k: v for k, v in raw.items() if k not in SECTIONS}, "")
+        for section, section_cls in SECTIONS.items():
+            given = raw.get(section)
+            if given is None and section in ("reweight", "data"):
+                continue
+            values[section] = build_section(section_cls, section, given or {})
+        if "data" not in values:
+            raise RunConfigError(
+                "data.tasks is empty: give the tasks to train on, e.g. data.tasks=[arc_easy,boolq]"
+            )
+        values["adapter"] = _adapter_section(raw.get("adapter"), values["data"])
+        config = cls(**values)
+        config.name = config.name or default_name or config.algorithm
+        return config
+
+    @classmethod
+    def load(
+        cls, config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[str] = ()
+    ) -> RunConfig:
+        """A config from a YAML path, a dict or a RunConfig (overrides applied to its dict form)."""
+        if isinstance(config, RunConfig):
+            return cls.from_dict(config.to_dict(), overrides) if overrides else config
+        if isinstance(config, (str, Path)):
+            return cls.from_yaml(config, overrides)
+        return cls.from_dict(config, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe data (tuples become lists); ``from_dict`` of it is this config again."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "reweight" and value is not None and hasattr(value, "to_dict"):
+                value = value.to_dict()
+            elif hasattr(value, "__dataclass_fields__"):
+                value = asdict(value)
+            out[f.name] = _plain(value)
+        return out
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / str(self.name)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML (or JSON) in ``path``; a file that is not UTF-8 text or not YAML raises one line naming the
+    file and, for a syntax error, the line and column."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RunConfigError(f"{path}: not a UTF-8 text file; expected a YAML recipe") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise RunConfigError(f"{path}: YAML syntax error at {where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise RunConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+# --- the one validation helper ------------------------------------------------------------------------
+
+
+def build_section(cls: type, section: str, values: Any) -> Any:
+    """``cls(**values)`` with every value checked against its annotation; errors name ``section.key``."""
+    if not isinstance(values, Mapping):
+        raise RunConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+    try:
+        if hasattr(cls, "from_dict"):  # a section with its own schema (nested keys, aliases)
+            return cls.from_dict(values)
+        return cls(**coerce_fields(cls, values, f"{section}."))
+    except RunConfigError:
+        raise
+    except ValueError as exc:  # the section's own range checks (EngineConfigError, ...) name the key
+        raise RunConfigError(str(exc)) from None
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise RunConfigError(
+            f"{prefix.rstrip('.') or 'config'}: unknown key(s) {unknown}; known: {sorted(known)}"
+        )
+    return {k: coerce(v, hints[k], f"{prefix}{k}") for k, v in values.items()}
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the annotation ``hint`` wants it, or a RunConfigError naming ``key``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except RunConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise RunConfigError(f"{key}={value!r}: expected one of {list(args)}")
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise RunConfigError(f"{key}={value!r}: expected a list")
+        items = args if origin is tuple and args and args[-1] is not Ellipsis else None
+        if items is not None and len(items) != len(value):
+            raise RunConfigError(f"{key}={value!r}: expected {len(items)} values")
+        if items is not None:
+            return tuple(
+                coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, items, strict=True))
+            )
+        return list(value) if origin is list or hint is list else tuple(value)
+    return _scalar(value, hint, key)
+
+
+def _scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RunConfigError(f"{key}={value!r}: expected a number")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RunConfigError(f"{key}={value!r}: expected an integer")
+    if hint is bool and not isinstance(value, bool):
+        raise RunConfigError(f"{key}={value!r}: expected true or false")
+    if hint is str and not isinstance(value, str):
+        raise RunConfigError(f"{key}={value!r}: expected a string")
+    if isinstance(hint, type) and hint.__module__ == "builtins" and not isinstance(value, hint):
+        raise RunConfigError(f"{key}={value!r}: expected {hint.__name__}")
+    return value
+
+
+def apply_override(config: dict[str, Any], item: str) -> None:
+    """Apply ``dotted.key=value`` (the value parsed as YAML) to the raw recipe dict."""
+    if "=" not in item:
+        raise RunConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
+    key, _, raw = item.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.strip().split(".")
+    top = {f.name for f in fields(RunConfig)}
+    if parts[0] not in top:
+        raise RunConfigError(f"override {item!r}: unknown key {parts[0]!r}; known: {sorted(top)}")
+    if len(parts) > 1 and parts[0] not in (*SECTIONS, "adapter"):
+        raise RunConfigError(f"override {item!r}: {parts[0]!r} is not a config section")
+    node = config
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RunConfigError(f"override {item!r}: {part!r} is not a config section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _adapter_section(given: Any, data: DataConfig) -> dict[str, Any]:
+    """The adapter section with its type's config validated; task-routed adapters (MTL-LoRA, MoELoRA) get
+    ``task_names`` = the data tasks unless the recipe names them or a task count."""
+    adapter = {**RunConfig.__dataclass_fields__["adapter"].default_factory(), **(given or {})}
+    if given is not None and not isinstance(given, Mapping):
+        raise RunConfigError(f"adapter: expected a mapping of keys, got {given!r}")
+    kind = adapter.get("type", "lora")
+    if kind not in ADAPTER_TYPES:
+        raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+    routed = ADAPTER_TYPES[kind][0].task_routed
+    if routed and adapter.get("task_names") is None and adapter.get("num_tasks") is None:
+        adapter["task_names"] = data.task_names
+    config_from_dict(kind, {k: v for k, v in adapter.items() if k != "type"})  # validates the fields
+    return adapter
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
