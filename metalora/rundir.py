@@ -12,12 +12,17 @@
       eval.json            ``metalora eval`` / the demo: held-out scores, adapted and base
       peft_adapter/        the demo's PEFT export
       report.md, plots/    ``report.write_report``
+      .lock                held (``fcntl.flock``) by the one process training into the directory
 
 Everything else asks this module for a path; no other module spells out a run file's name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ import yaml
 from torch import nn
 
 from metalora.adapters.io import CONFIG_FILE, load_adapter, read_adapter_record
+from metalora.errors import RunDirInUse
 from metalora.models import load_base
 
 
@@ -53,10 +59,35 @@ class RunDir:
     report = property(lambda self: self.root / "report.md")
     plots = property(lambda self: self.root / "plots")
     tasks_root = property(lambda self: self.root / "tasks")
+    lock_file = property(lambda self: self.root / ".lock")
 
     def task(self, name: str) -> RunDir:
         """LoRA-ST: the directory of task ``name``'s own run."""
         return RunDir(self.tasks_root / name)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory for one writer: a second run into it fails at once with ``RunDirInUse``.
+
+        An advisory ``flock`` on ``.lock``: the kernel releases it when the holder exits or crashes, so
+        a killed run never leaves a stale lock behind. The file records the holder's pid for the message.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RunDirInUse(
+                    f"run directory {self.root} is in use by another metalora process (pid {holder}); "
+                    "wait for it to finish or train into another name="
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def read_config(self) -> dict[str, Any] | None:
         """The resolved recipe saved with the run (None where the directory has none)."""

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from metalora.errors import CheckpointError, RunDirInUse, RunInterrupted
+
 
 def _command(name: str):
     """The sub-command's ``run(args)``, imported only when that command runs (a fast ``--help``)."""
@@ -134,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:  # validation errors carry their own clear message
         print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # SIGINT/SIGTERM: the step finished and a checkpoint was written
+        print(f"metalora {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (CheckpointError, RunDirInUse) as exc:  # a damaged checkpoint, a failed write, a busy directory
+        print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

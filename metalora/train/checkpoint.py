@@ -8,14 +8,19 @@ A checkpoint ``checkpoints/step-00000012/`` holds
 * ``rng-rank{r}.safetensors`` + ``rng-rank{r}.json`` — Python, NumPy, torch CPU and CUDA RNG states of
   every rank.
 
+* ``manifest.json`` — the SHA-256 and size of every other file, written last.
+
 The directory is assembled as ``.tmp-step-…`` (each file written temp+fsync+rename by
 ``metalora.atomic``) and renamed into place in one ``os.replace``; only then is ``checkpoints/latest``
 rewritten (atomically) to name it. A crash at any moment leaves the previous checkpoint intact and
-``latest`` pointing at a complete one.
+``latest`` pointing at a complete one. A write that fails (a full disk) removes the partial directory and
+raises, naming the checkpoint that is still intact. On resume, ``latest_valid`` checks the manifest: a
+truncated or corrupted checkpoint is reported and the newest older one that verifies is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from metalora import atomic
+from metalora.errors import CheckpointError
 from metalora.train import distributed as dist_utils
 
 FORMAT_VERSION = 1
@@ -35,10 +41,7 @@ LATEST = "latest"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
 STATE_TENSORS = "state.safetensors"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the run resuming from it."""
+MANIFEST = "manifest.json"
 
 
 # --- packing nested Python state into (JSON, tensors) ------------------------------------------------
@@ -134,7 +137,9 @@ def step_dir_name(step: int) -> str:
 def save(
     root: Path, step: int, adapter: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` (every rank calls this; rank 0 writes the shared files)."""
+    """Write checkpoint ``step`` under ``root`` (every rank calls this; rank 0 writes the shared files).
+
+    A failed write leaves the previous checkpoint as it was and raises ``CheckpointError``."""
     root = Path(root)
     rank = dist_utils.rank()
     tmp, final = root / f".tmp-{step_dir_name(step)}", root / step_dir_name(step)
@@ -142,24 +147,74 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist_utils.barrier()
-    _write_packed(tmp, f"rng-rank{rank}", rng_state())
-    dist_utils.barrier()
-    if rank == 0:
-        atomic.write_safetensors(tmp / ADAPTER_FILE, dict(adapter))
-        _write_packed(tmp, "state", {"format_version": FORMAT_VERSION, "step": step, **state})
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        atomic.write_text(root / LATEST, final.name + "\n")
-        _prune(root, keep)
+    try:
+        _write_packed(tmp, f"rng-rank{rank}", rng_state())
+        dist_utils.barrier()
+        if rank == 0:
+            atomic.write_safetensors(tmp / ADAPTER_FILE, dict(adapter))
+            _write_packed(tmp, "state", {"format_version": FORMAT_VERSION, "step": step, **state})
+            atomic.write_json(tmp / MANIFEST, manifest(tmp))
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            atomic.write_text(root / LATEST, final.name + "\n")
+            _prune(root, keep)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = (root / LATEST).read_text(encoding="utf-8").strip() if (root / LATEST).is_file() else None
+        raise CheckpointError(
+            f"writing checkpoint {final} failed ({exc.strerror or exc}); the previous checkpoint "
+            f"{previous or '(none)'} is intact. Free space or fix the directory, then run again to resume"
+        ) from exc
     dist_utils.barrier()
     return final
 
 
+def manifest(directory: Path) -> dict[str, Any]:
+    """``{"files": {name: {"sha256", "bytes"}}}`` of every file in a checkpoint directory."""
+    files = {}
+    for path in sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != MANIFEST):
+        files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    return {"format_version": FORMAT_VERSION, "files": files}
+
+
+def verify(directory: Path) -> None:
+    """Raise ``CheckpointError`` naming the first file of ``directory`` that is missing, truncated or
+    corrupted against its manifest."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {directory} has no {MANIFEST}: incomplete or written by an older metalora"
+        )
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupted ({exc})") from None
+    for name, expected in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {name} is missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {directory}: {name} is truncated ({file.stat().st_size} bytes, expected {expected['bytes']})"
+            )
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {directory}: {name} is corrupted (its SHA-256 does not match)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+    """The checkpoint ``checkpoints/latest`` names (complete by construction), or None."""
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
@@ -167,6 +222,26 @@ def latest(root: Path) -> Path | None:
     if not (directory / "state.json").is_file():
         raise CheckpointError(f"{pointer} names {directory.name}, which is missing or incomplete")
     return directory
+
+
+def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint that verifies against its manifest, the problems of newer ones skipped).
+
+    The one ``latest`` names comes first, then the other step directories from newest to oldest."""
+    root = Path(root)
+    pointer = root / LATEST
+    named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    steps = sorted((p.name for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    candidates = ([named] if named else []) + [name for name in steps if name != named]
+    problems: list[str] = []
+    for name in candidates:
+        try:
+            verify(root / name)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        return root / name, problems
+    return None, problems
 
 
 def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

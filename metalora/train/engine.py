@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,12 +40,14 @@ from torch import nn
 
 from metalora import atomic
 from metalora.adapters import adapter_parameters, is_task_routed, save_adapter, task_ids
+from metalora.errors import RunInterrupted
 from metalora.rundir import RunDir
 from metalora.train import checkpoint
 from metalora.train import distributed as dist_utils
 from metalora.train.counters import Counters, peak_memory
 from metalora.train.logging import MetricsLogger, Progress
 from metalora.train.loss import label_token_count, token_loss_rows
+from metalora.train.signals import deferred_signals
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -298,7 +302,9 @@ class Engine:
         self.model.train()
         progress = Progress(cfg.max_steps, start, self.is_main and cfg.progress, desc)
         wall_before, t_start = self.counters.wall_time_s, time.perf_counter()
-        try:
+        with contextlib.ExitStack() as stack:
+            caught = stack.enter_context(deferred_signals())
+            stack.callback(progress.close)
             for step in range(start, cfg.max_steps):
                 self.step = step
                 t_step = time.perf_counter()
@@ -326,8 +332,8 @@ class Engine:
                 progress.update(out.loss, out.samples / max(seconds, 1e-9))
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
                     self.save_checkpoint(done, stateful, extra_state)
-        finally:
-            progress.close()
+                if done < cfg.max_steps:
+                    self._stop_if_signalled(caught(), done, stateful, extra_state)
         self.step = cfg.max_steps
         self.save_checkpoint(cfg.max_steps, stateful, extra_state)
         self._finish(status="completed")
@@ -336,6 +342,19 @@ class Engine:
         dist_utils.barrier()
         self.logger.close()
         return self.counters
+
+    def _stop_if_signalled(
+        self, signum: int | None, done: int, stateful: Stateful | None, extra_state: dict[str, Any] | None
+    ) -> None:
+        """After a step: if any rank got SIGINT/SIGTERM, checkpoint and raise ``RunInterrupted``."""
+        if self.sum_over_ranks(1.0 if signum else 0.0) == 0:
+            return
+        signum = signum or signal.SIGTERM  # a rank that got none stops with its peers
+        path = self.save_checkpoint(done, stateful, extra_state)
+        self._finish(status=f"interrupted by {signal.Signals(signum).name} after step {done}")
+        self.logger.log({"event": "interrupted", "signal": signal.Signals(signum).name, "step": done})
+        self.logger.close()
+        raise RunInterrupted(signum, done, path)
 
     def outer_step(self, out: StepOutput, step: int) -> float:
         """After ``step_fn``: guard, clip, AdamW step, LR schedule, counters; returns the gradient norm."""
@@ -390,7 +409,16 @@ class Engine:
         )
 
     def _resume(self, stateful: Stateful | None) -> int:
-        directory = checkpoint.latest(self.checkpoint_dir)
+        directory, problems = checkpoint.latest_valid(self.checkpoint_dir)
+        for problem in problems:  # a truncated or corrupted checkpoint: say so, use the one before it
+            self.logger.log({"event": "skipped_checkpoint", "problem": problem})
+            if self.is_main:
+                print(f"metalora: skipping a damaged checkpoint: {problem}", file=sys.stderr, flush=True)
+        if directory is None and problems:
+            raise checkpoint.CheckpointError(
+                f"no checkpoint under {self.checkpoint_dir} verifies ({problems[0]}); move the directory "
+                "away to start the run over"
+            )
         if directory is None:
             return 0
         adapter, state, rng = checkpoint.load(directory)

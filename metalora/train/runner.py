@@ -14,6 +14,7 @@ into an existing directory resumes it. Each algorithm is one entry of ``ALGORITH
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,9 @@ def run(config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[
     _apply_epochs(cfg, data)
     run_dir = RunDir(cfg.run_dir)
     data_info = {"task_to_id": task_to_id, "train_examples": {n: len(e) for n, e in examples.items()}}
-    _write_run_files(run_dir, cfg, data_info | {"tokenize": stats})
-    ALGORITHM_RUNNERS[cfg.algorithm](cfg, model, tokenizer, data, run_dir)
+    with run_dir.lock() if dist_utils.rank() == 0 else contextlib.nullcontext():
+        _write_run_files(run_dir, cfg, data_info | {"tokenize": stats})
+        ALGORITHM_RUNNERS[cfg.algorithm](cfg, model, tokenizer, data, run_dir)
     return run_dir.root
 
 
