@@ -34,14 +34,16 @@ from common import (
     table,
 )  # noqa: E402
 
+import metalora as ml  # noqa: E402
+from metalora.models import load_base  # noqa: E402
+from metalora.testing import tiny_llama  # noqa: E402
+
 ADAPTERS = ["peft_lora", "lora", "dora", "mtl_lora", "hydra_lora", "multilora", "moelora"]
 NUM_TASKS = 4
 
 
 def build(model_name: str, adapter: str, r: int):
     import peft
-
-    import metalora as ml
 
     model = load(model_name)
     configs = {
@@ -63,27 +65,20 @@ def build(model_name: str, adapter: str, r: int):
 
 
 def load(model_name: str):
-    if model_name == "tiny":
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
+    if model_name == "tiny":  # the library's tiny builder at a benchmark size (LlamaConfig's 2048 positions)
+        return tiny_llama(
             vocab_size=2048,
             hidden_size=256,
             intermediate_size=688,
             num_hidden_layers=4,
             num_attention_heads=8,
             num_key_value_heads=4,
-        )
-        return AutoModelForCausalLM.from_config(cfg)
-    from metalora.models import load_base
-
+            max_position_embeddings=2048,
+        ).train()
     return load_base(model_name)[0]
 
 
 def routing(model, batch: int):
-    import metalora as ml
-
     if not ml.is_task_routed(model):
         return contextlib.nullcontext()
     return ml.task_ids(model, torch.arange(batch) % NUM_TASKS)  # a mixed-task batch
@@ -139,8 +134,6 @@ def memory_probe(model_name: str, adapter: str, r: int, batch: int, seq: int) ->
 
 
 def run_model(model_name: str, batch: int, seq: int, r: int, repeats: int) -> dict[str, Any]:
-    import metalora as ml
-
     print(f"\n== {model_name}: batch {batch}, seq {seq}, r {r}, targets q,k,v,o ==", flush=True)
     models = {a: build(model_name, a, r) for a in ADAPTERS}
     x = make_batch(models["lora"], batch, seq)
