@@ -253,8 +253,8 @@ class ReweightConfig:
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any]) -> ReweightConfig:
         """The config from a YAML section: nested keys, or the old flat keys (``ALIASES``, with a
-        ``FutureWarning``). Unknown keys raise; strings in float fields (YAML 1.1 reads ``1e-4`` as one)
-        become floats."""
+        ``FutureWarning``; where both name one setting, the later in the mapping wins). Unknown keys raise;
+        strings in float fields (YAML 1.1 reads ``1e-4`` as one) become floats."""
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, value in mapping.items():
@@ -263,7 +263,7 @@ class ReweightConfig:
             elif key in ALIASES:
                 section, new = ALIASES[key]
                 warnings.warn(f"reweight.{key} is now reweight.{section}.{new}", FutureWarning, stacklevel=2)
-                _put(nested[section], section, new, value)
+                nested[section][new] = value  # a later key naming the same setting wins
             elif key in _field_types(cls):
                 top[key] = value
             else:
@@ -291,15 +291,7 @@ def _collect_section(section: str, values: Any, into: dict[str, Any]) -> None:
     for key, value in values.items():
         if key not in known:
             raise ReweightConfigError(f"reweight.{section}.{key}: unknown key; known: {sorted(known)}")
-        _put(into, section, key, value)
-
-
-def _put(into: dict[str, Any], section: str, key: str, value: Any) -> None:
-    if key in into and into[key] != value:
-        raise ReweightConfigError(
-            f"reweight.{section}.{key} is given twice ({into[key]!r} and {value!r}; one of them as an old flat key)"
-        )
-    into[key] = value
+        into[key] = value
 
 
 def _field_types(cls: type) -> dict[str, Any]:
