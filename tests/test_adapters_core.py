@@ -132,12 +132,31 @@ def test_bf16_base_gets_fp32_adapter_and_runs():
 
 @pytest.mark.parametrize("name", ["mtl_lora", "hydra_lora", "multilora", "moelora"])
 def test_model_double_runs_the_adapter_in_float64(name):
+    """Oracle: after ``model.double()`` every adapter tensor is float64, the rank-r activation each layer's
+    ``bottleneck`` sees is float64 (the adapter computes in float64, not only its output cast), and the
+    logits equal the fp32 model's.
+
+    Shown to fail when the adapter stays fp32 under ``.double()`` (planted: ``AdapterLayer._apply``
+    converting only ``base_layer``): the logits were still float64 and within 1e-4, as the old test
+    checked, but the dtype asserts failed."""
     model = ml.add_adapter(tiny_model("llama"), CONFIGS[name]())
     randomize_adapter(model)
     x = batch()
+    seen: list[torch.dtype] = []
     with torch.no_grad(), routing(model):
         expected = model(x).logits.double()
         model.double()
+        hooks = [
+            m.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].dtype))
+            for layer in adapter_layers(model).values()
+            for m in layer.bottleneck_modules()
+        ]
         got = model(x).logits
+    for h in hooks:
+        h.remove()
+    assert {n: p.dtype for n, p in adapter_parameters(model).items()} == {
+        n: torch.float64 for n in adapter_parameters(model)
+    }
+    assert seen and set(seen) == {torch.float64}
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

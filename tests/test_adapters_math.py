@@ -15,8 +15,13 @@ from metalora.adapters.multilora import MultiLoRALayer
 from metalora.testing import VOCAB, randomize_adapter, tiny_model
 
 
-def _reference_mtl(layer: MTLLoRALayer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Eq. 4 sample by sample in float64: W x + (α/r) Σ_i softmax(w_t/τ)_i B^i Λ_t A x."""
+def _reference_mtl(
+    layer: MTLLoRALayer, x: torch.Tensor, ids: torch.Tensor, tau: float, scale: float, diagonal: bool
+) -> torch.Tensor:
+    """Eq. 4 sample by sample in float64: W x + (α/r) Σ_i softmax(w_t/τ)_i B^i Λ_t A x.
+
+    τ, α/r and the form of Λ come from the caller (the config's values), never from the layer under test:
+    only the learned tensors (W, A, Λ, B, w) are read from it."""
     d = torch.float64
     W, bias = layer.base_layer.weight.to(d), layer.base_layer.bias
     A, B, w = layer.lora_A.to(d), layer.lora_B.to(d), layer.lora_mix_logits.to(d)
@@ -24,32 +29,38 @@ def _reference_mtl(layer: MTLLoRALayer, x: torch.Tensor, ids: torch.Tensor) -> t
     for b in range(x.shape[0]):
         t = int(ids[b])
         lam = layer.lora_lambda[t].to(d)
-        lam = torch.diag(lam) if layer.diagonal else lam
-        s = torch.softmax(w[t] / layer.temperature, dim=0)
+        lam = torch.diag(lam) if diagonal else lam
+        s = torch.softmax(w[t] / tau, dim=0)
         xb = x[b].to(d)  # [L, in]
         h = xb @ W.T + (0 if bias is None else bias.to(d))
         delta = sum(s[i] * (B[i] @ lam @ A @ xb.T).T for i in range(B.shape[0]))
-        outs.append(h + layer.scaling * delta)
+        outs.append(h + scale * delta)
     return torch.stack(outs)
 
 
 @pytest.mark.parametrize("lambda_form", ["full", "diagonal"])
 def test_mtl_lora_layer_equals_float64_eq4_with_random_parameters(lambda_form):
-    model = ml.add_adapter(
-        tiny_model("llama"),
-        ml.MTLLoRAConfig(r=4, num_tasks=3, num_up=3, temperature=0.7, lambda_form=lambda_form),
+    """Oracle: Eq. 4 in float64 with τ = 0.7 and α/r = 12/4 = 3 typed here, not read back from the layer.
+
+    Shown to fail when the layer ignores the config's temperature (``self.temperature = 0.1``) or its
+    alpha (``self.scaling = 16 / r``): both were planted in ``adapters/`` and the assert failed."""
+    config = ml.MTLLoRAConfig(
+        r=4, alpha=12.0, num_tasks=3, num_up=3, temperature=0.7, lambda_form=lambda_form
     )
+    model = ml.add_adapter(tiny_model("llama"), config)
     randomize_adapter(model, scale=0.5)
     layer = adapter_layers(model)["model.layers.0.self_attn.q_proj"]
     x = torch.randn(4, 5, 32)
     ids = torch.tensor([2, 0, 2, 1])
     with torch.no_grad(), ml.task_ids(model, ids):
         got = layer(x)
-    torch.testing.assert_close(got.double(), _reference_mtl(layer, x, ids), rtol=1e-5, atol=1e-5)
+    expected = _reference_mtl(layer, x, ids, tau=0.7, scale=12.0 / 4, diagonal=lambda_form == "diagonal")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _reference_token_loop(layer, x, ids=None) -> torch.Tensor:
-    """The other adapters' updates, token by token in float64 from their defining formulas."""
+def _reference_token_loop(layer, x, scale: float, ids=None) -> torch.Tensor:
+    """The other adapters' updates, token by token in float64 from their defining formulas; ``scale`` is
+    the config's α/r (not the layer's ``scaling``)."""
     d = torch.float64
     out = torch.zeros(*x.shape[:-1], layer.out_features, dtype=d)
     for b in range(x.shape[0]):
@@ -73,7 +84,7 @@ def _reference_token_loop(layer, x, ids=None) -> torch.Tensor:
                     @ (layer.lora_A[j * k : (j + 1) * k].to(d) @ v)
                     for j in range(layer.num_experts)
                 )
-            out[b, t] = layer.scaling * delta
+            out[b, t] = scale * delta
     return out
 
 
@@ -98,7 +109,8 @@ def test_other_adapters_equal_float64_token_loop(config):
                 got = layer.adapter_delta(x)
         else:
             got = layer.adapter_delta(x)
-    torch.testing.assert_close(got.double(), _reference_token_loop(layer, x, ids), rtol=1e-5, atol=1e-6)
+    expected = _reference_token_loop(layer, x, config.alpha / config.r, ids)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mtl_lora_with_one_up_projection_and_identity_lambda_equals_peft_lora():

@@ -5,10 +5,13 @@ runs these; elsewhere they skip and say how to get the data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from test_eval_lm import model, reference_loglikelihood, tok  # noqa: F401
 
 from metalora.data import bbh, load_task
@@ -63,16 +66,52 @@ def test_free_form_task_takes_the_digit_target_like_the_exemplars():
     assert [d.response for d in task.dev] == [" 6", " 11", " 8"]
 
 
-def test_eval_scores_the_3_shot_context_like_a_hand_built_one(model, tok):  # noqa: F811
+def lm_eval_context(task: str, question: str) -> str:
+    """lm-eval's own rendering of BBH's 3-shot context for ``question``: its ``bbh/fewshot/<task>.yaml``
+    (description, ``first_n`` exemplars, ``Q: {{input}}\nA:``) built into a ``ConfigurableTask`` over an
+    in-memory one-document dataset, then ``fewshot_context(doc, 3)``."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    folder = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks/bbh/fewshot"
+    config = yaml.safe_load((folder / "_fewshot_template_yaml").read_text())
+    config |= yaml.safe_load((folder / f"{task}.yaml").read_text())
+    config.pop("include", None)
+    doc = {"input": question, "target": ""}
+    config.update(
+        task=f"bbh_fewshot_{task}", custom_dataset=lambda **_: {"test": datasets.Dataset.from_list([doc])}
+    )
+    return ConfigurableTask(config=config).fewshot_context(doc, num_fewshot=3)
+
+
+def test_eval_scores_lm_evals_3_shot_context(model, tok, monkeypatch):  # noqa: F811
+    """Oracle: the contexts and continuations ``evaluate_tasks`` scores (captured at ``encode_pair``) are,
+    for every item, lm-eval's own rendering (``lm_eval_context``: description, the 3 exemplars in order,
+    then the item) and, for the first item, the hand-typed ``DATE_CONTEXT``; acc then equals the argmax
+    of float64 reference log-likelihoods of those contexts.
+
+    Shown to fail on a 0-shot context (planted: ``default_shots`` returning 0), on the exemplars in
+    reverse order, and without the description: the old accuracy-over-3-items check passed all three."""
+    import metalora.eval.multiple_choice as mc
+
     task = load_task("bbh:date_understanding")
     task.test = task.test[:3]
+    scored: list[tuple[str, str]] = []
+    encode = mc.encode_pair
+    monkeypatch.setattr(
+        mc, "encode_pair", lambda tk, ctx, cont, *a: scored.append((ctx, cont)) or encode(tk, ctx, cont, *a)
+    )
     got = evaluate_tasks(model, tok, [task], progress=False)["bbh:date_understanding"]
-    assert got["primary"] == "acc" and mc_style(task) == "text"
+    assert got["primary"] == "acc" and mc_style(task) == "text" and got["n"] == 3
+    per_item = []
+    for ex in task.test:
+        assert ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA:")
+        context = lm_eval_context("date_understanding", ex.prompt[len("Q: ") : -len("\nA:")])
+        per_item.append([(context, " " + o) for o in mc_view(ex, "text").options])
+    assert scored == [pair for pairs in per_item for pair in pairs]
+    assert scored[0][0] == DATE_CONTEXT
     correct = 0
-    for j, ex in enumerate(task.test):
-        view = mc_view(ex, mc_style(task))
-        context = DATE_CONTEXT if j == 0 else DATE_CONTEXT[: DATE_CONTEXT.index("Q: Yesterday")] + ex.prompt
-        lls = [reference_loglikelihood(model, tok, context, " " + o)[0] for o in view.options]
+    for ex, pairs in zip(task.test, per_item, strict=True):
+        lls = [reference_loglikelihood(model, tok, c, o)[0] for c, o in pairs]
         correct += int(np.argmax(lls) == ex.answer)
     assert got["acc"] == pytest.approx(correct / 3)
-    assert got["n"] == 3

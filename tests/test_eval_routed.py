@@ -8,9 +8,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_eval_lm import PROMPTS, mc_items, model, reference_loglikelihood, tok  # noqa: F401
+from test_eval_lm import PROMPTS, greedy_reference, mc_items, model, reference_loglikelihood, tok  # noqa: F401
 
-from metalora.adapters import MTLLoRAConfig, adapter_parameters, add_adapter, task_ids
+from metalora.adapters import MTLLoRAConfig, adapter_parameters, add_adapter, merge, task_ids
 from metalora.eval.generation import generate
 from metalora.eval.multiple_choice import evaluate_multiple_choice
 
@@ -28,6 +28,9 @@ def routed(model):  # noqa: F811
 
 
 def test_routed_multiple_choice_mixed_batches(routed, tok) -> None:  # noqa: F811
+    """Oracle: mixed-task batches equal one-item runs with the item's own task id, and routing every row
+    to "colors" changes the geo items' scores. Shown to fail when every row is routed to task 0 (planted
+    in ``TaskRouter.ids_for``)."""
     items, _ = mc_items()
     route = lambda names: task_ids(routed, names)  # noqa: E731
     result = evaluate_multiple_choice(routed, tok, items, batch_size=3, forward_context=route, progress=False)
@@ -48,6 +51,13 @@ def test_routed_multiple_choice_mixed_batches(routed, tok) -> None:  # noqa: F81
 
 
 def test_routed_generation_batched_equals_single(routed, tok) -> None:  # noqa: F811
+    """Oracle: each row's greedy continuation equals unbatched, uncached greedy decoding of the adapter
+    merged for that row's task (``ml.merge(model, task)``: a plain model, no routing involved), and the
+    two tasks' merged models continue at least one prompt differently, so routing changes the output.
+
+    Shown to fail when every row is routed to task 0 (planted in ``TaskRouter.ids_for``): batched and
+    single-prompt runs still agreed, as the old test checked, but the "geo" rows did not match the merged
+    "geo" model."""
     names = ["colors", "geo", "geo", "colors"]
     route = lambda n: task_ids(routed, n)  # noqa: E731
     batched = generate(routed, tok, PROMPTS, names, max_new_tokens=6, batch_size=4, forward_context=route)
@@ -56,3 +66,10 @@ def test_routed_generation_batched_equals_single(routed, tok) -> None:  # noqa: 
         for p, t in zip(PROMPTS, names, strict=True)
     ]
     assert batched == single
+    merged = {t: merge(routed, t).eval() for t in ("colors", "geo")}
+    per_task = {
+        t: [tok.decode(greedy_reference(m, tok, p, 6), skip_special_tokens=True) for p in PROMPTS]
+        for t, m in merged.items()
+    }
+    assert per_task["colors"] != per_task["geo"], "the two tasks' adapters should continue differently"
+    assert batched == [per_task[t][i] for i, t in enumerate(names)]

@@ -54,10 +54,33 @@ def _reference_lls(model, tok, example, task):  # noqa: F811
         return np.array([reference_loglikelihood(model, tok, view.prompt, " " + o)[0] for o in view.options])
 
 
-def test_each_task_is_evaluated_with_its_own_task_id(routed, tok):  # noqa: F811
+def test_each_task_is_evaluated_with_its_own_task_id(routed, tok, monkeypatch):  # noqa: F811
+    """Oracle: every item's option log-likelihoods (captured from the MC scorer ``evaluate_tasks`` calls)
+    equal a one-item reference run inside ``task_ids(model, [its task])``, and differ from the reference
+    under the other task, so an item routed to the wrong task cannot match; acc follows from them.
+
+    Shown to fail when every item is routed to the same task (planted: ``route_for`` sending all rows to
+    "geo", the adapter's last task): the old accuracy-only check passed, this one failed on the "colors"
+    items; routed to the first task instead, both failed."""
+    import metalora.eval.tasks as eval_tasks
+
+    scored: dict[str, list[float]] = {}
+    scorer = eval_tasks.evaluate_multiple_choice
+
+    def recording(*args, **kwargs):
+        result = scorer(*args, **kwargs)
+        scored.update({p.id: p.loglikelihoods for p in result.predictions})
+        return result
+
+    monkeypatch.setattr(eval_tasks, "evaluate_multiple_choice", recording)
     got = evaluate_tasks(routed, tok, TASKS, shots=0, progress=False)
     for task in TASKS:
-        preds = [int(np.argmax(_reference_lls(routed, tok, ex, task.name))) for ex in task.test]
+        other = next(t.name for t in TASKS if t.name != task.name)
+        for ex in task.test:
+            own = _reference_lls(routed, tok, ex, task.name)
+            np.testing.assert_allclose(scored[ex.id], own, atol=1e-4, rtol=0)
+            assert np.abs(own - _reference_lls(routed, tok, ex, other)).max() > 1e-2
+        preds = [int(np.argmax(scored[ex.id])) for ex in task.test]
         expected = np.mean([p == ex.answer for p, ex in zip(preds, task.test, strict=True)])
         assert got[task.name]["acc"] == pytest.approx(expected)
         assert got[task.name]["n"] == len(task.test)
