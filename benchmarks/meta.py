@@ -51,6 +51,7 @@ from common import (  # noqa: E402
 
 import metalora as ml  # noqa: E402
 from metalora.cli.demo import demo_task_specs  # noqa: E402
+from metalora.testing import tiny_llama  # noqa: E402
 from metalora.train import Engine, EngineConfig, MetaConfig, MultitaskConfig  # noqa: E402
 from metalora.train.batching import count_tokens, micro_batches  # noqa: E402
 from metalora.train.meta import build_sampler, meta_step  # noqa: E402
@@ -68,20 +69,11 @@ PAPER = {"n_tasks": 2, "inner_steps": 3, "support_size": 8, "query_size": 8}
 
 def load_model(name: str, r: int):
     """(adapted model, pad id, vocab) for ``mini`` (random-init Llama) or a ``load_base`` name."""
-    if name == "mini":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=4096,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+    if name == "mini":  # the library's tiny builder at a benchmark size
+        model = tiny_llama(
+            vocab_size=4096, hidden_size=128, intermediate_size=512, max_position_embeddings=512
         )
-        model, pad, vocab = LlamaForCausalLM(cfg), 0, 4096
+        model, pad, vocab = model.train(), 0, 4096
     else:
         model, tok = ml.load_base(name)
         pad, vocab = tok.pad_token_id, len(tok)

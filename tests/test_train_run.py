@@ -9,10 +9,9 @@ import pytest
 import torch
 import yaml
 from test_train_utils import adapter_state, max_abs_diff
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import metalora as ml
+from metalora.testing import tiny_llama, word_tokenizer
 from metalora.train import run
 from metalora.train.runner import RunConfigError, resolve_config
 
@@ -59,25 +58,10 @@ def test_bad_recipes_raise_naming_the_key(override, message):
 def _tiny_base(path: Path) -> None:
     words = [f"w{i}" for i in range(40)]
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    special = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    fast = word_tokenizer(vocab, split="whitespace", **special)
+    model = tiny_llama(vocab_size=len(vocab), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(path)
     fast.save_pretrained(path)
 
 
