@@ -9,6 +9,7 @@ here is the identity.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -23,7 +24,12 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank; before the process group exists, the launcher's ``RANK`` (torchrun and
+    accelerate set it), so that work done before the engine starts (the run directory's lock and files)
+    is already done by rank 0 alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
