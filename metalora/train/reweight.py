@@ -303,7 +303,7 @@ class Reweighter:
         self.reweighting = Reweighting(engine.model, config)
         self.val: ValidationStats | None = None
         self.weights_log = MetricsLogger(
-            engine.run_dir / "weights.jsonl", enabled=engine.is_main and config.log_weights
+            engine.run.weights, enabled=engine.is_main and config.log_weights
         )
         self._first = True
 
@@ -397,6 +397,6 @@ def train_reweight(
         desc="META-LoRA reweight",
         extra_state={"algorithm": "reweight", "scheme": reweighter.reweighting.scheme},
     )
-    if engine.is_main and config.log_weights and (engine.run_dir / "weights.jsonl").is_file():
+    if engine.is_main and config.log_weights and engine.run.weights.is_file():
         summarize_weights(engine.run_dir)
     return counters

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from metalora import atomic
+from metalora.rundir import RunDir
 
 
 def read_weight_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``weights.jsonl`` (the last one per step, should a resume have repeated any)."""
     by_step: dict[int, dict[str, Any]] = {}
-    path = Path(run_dir) / "weights.jsonl"
+    path = RunDir(run_dir).weights
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if "step" in record and "weights" in record:
@@ -40,10 +41,10 @@ def summarize_weights(run_dir: str | Path) -> None:
     records = read_weight_log(run_dir)
     per_sample = mean_sample_weights(records)
     atomic.write_text(
-        run_dir / "sample_weights.jsonl",
+        RunDir(run_dir).sample_weights,
         "".join(json.dumps({"sample_id": k, **v}) + "\n" for k, v in sorted(per_sample.items())),
     )
-    plot_weight_histogram(records, per_sample, run_dir / "weights_hist.png")
+    plot_weight_histogram(records, per_sample, RunDir(run_dir).weights_hist)
 
 
 def plot_weight_histogram(
