@@ -35,6 +35,7 @@ from common import (
 )  # noqa: E402
 
 import metalora as ml  # noqa: E402
+from metalora.adapters.targets import DEFAULT_ATTENTION_TARGETS  # noqa: E402
 from metalora.models import load_base  # noqa: E402
 from metalora.testing import tiny_llama  # noqa: E402
 
@@ -55,7 +56,7 @@ def build(model_name: str, adapter: str, r: int):
         "moelora": ml.MoELoRAConfig(r=r, alpha=2 * r, num_tasks=NUM_TASKS, num_experts=4),
     }
     if adapter == "peft_lora":
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        targets = list(DEFAULT_ATTENTION_TARGETS)
         return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
     model = ml.add_adapter(model, configs[adapter])
     with torch.no_grad():  # non-zero B so no branch is skipped or trivially zero

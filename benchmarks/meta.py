@@ -50,6 +50,7 @@ from common import (  # noqa: E402
 )
 
 import metalora as ml  # noqa: E402
+from metalora.adapters.targets import DEFAULT_ATTENTION_TARGETS  # noqa: E402
 from metalora.cli.demo import demo_task_specs  # noqa: E402
 from metalora.testing import tiny_llama  # noqa: E402
 from metalora.train import Engine, EngineConfig, MetaConfig, MultitaskConfig  # noqa: E402
@@ -60,7 +61,7 @@ from metalora.train.multitask import EpochBatches, multitask_step, steps_for_epo
 DEMO_TASK_SPECS = demo_task_specs()
 
 TASKS = DEMO_TASK_SPECS  # (c) and (d) use the demo's tasks, cloze style (the response is the answer's text)
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QKVO = list(DEFAULT_ATTENTION_TARGETS)
 PAPER = {"n_tasks": 2, "inner_steps": 3, "support_size": 8, "query_size": 8}
 
 

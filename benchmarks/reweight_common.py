@@ -28,6 +28,7 @@ from common import RESULTS, machine, save  # noqa: E402
 
 import metalora as ml  # noqa: E402
 from metalora.adapters import adapter_parameters  # noqa: E402
+from metalora.adapters.targets import DEFAULT_ATTENTION_TARGETS  # noqa: E402
 from metalora.data import Example, Task, collate, load_task, tokenize_examples  # noqa: E402
 from metalora.data.templates import format_mc_response  # noqa: E402
 from metalora.eval.tasks import evaluate_tasks  # noqa: E402
@@ -57,7 +58,7 @@ def load_model(seed: int = 0):
     torch.manual_seed(seed)
     model, tok = load_base(model_name())
     ml.add_adapter(
-        model, ml.LoRAConfig(r=R, alpha=2 * R, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model, ml.LoRAConfig(r=R, alpha=2 * R, target_modules=list(DEFAULT_ATTENTION_TARGETS))
     )
     return model, tok
 
