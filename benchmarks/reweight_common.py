@@ -57,9 +57,7 @@ def load_model(seed: int = 0):
     """(model with LoRA r=16 on q,k,v,o, tokenizer), the adapter initialised after ``manual_seed(seed)``."""
     torch.manual_seed(seed)
     model, tok = load_base(model_name())
-    ml.add_adapter(
-        model, ml.LoRAConfig(r=R, alpha=2 * R, target_modules=list(DEFAULT_ATTENTION_TARGETS))
-    )
+    ml.add_adapter(model, ml.LoRAConfig(r=R, alpha=2 * R, target_modules=list(DEFAULT_ATTENTION_TARGETS)))
     return model, tok
 
 
