@@ -66,6 +66,60 @@ def test_load_onto_an_incompatible_base_says_what_does_not_match(tmp_path):
         ml.load_adapter(tiny_model("llama"), tmp_path / "nowhere")
 
 
+def _craft(tensors: dict[str, torch.Tensor], case: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``tensors`` damaged as ``case`` says, and the tensor name the error must give."""
+    name = sorted(tensors)[0]
+    tensors = dict(tensors)
+    if case == "shape":
+        tensors[name] = torch.zeros(*tensors[name].shape, 2)
+    elif case == "dtype":
+        tensors[name] = torch.zeros(tensors[name].shape, dtype=torch.int32)
+    elif case == "missing":
+        del tensors[name]
+    elif case == "extra":
+        name = "model.layers.0.mlp.lora_evil"
+        tensors[name] = torch.zeros(2)
+    return tensors, name
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "missing", "extra"])
+@pytest.mark.parametrize("name", ["lora", "mtl_lora"])
+def test_crafted_safetensors_are_refused_in_one_line_naming_file_and_tensor(name, case, tmp_path):
+    """Oracle: an adapter file whose tensor has the wrong shape or dtype, or that lacks a tensor or holds an
+    extra one, raises AdapterLoadError whose one-line message names the file and the tensor; a float64
+    copy of the same file (a float dtype) still loads."""
+    from safetensors.torch import load_file, save_file
+
+    ml.save_adapter(adapted(name), tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    tensors, bad = _craft(load_file(str(weights)), case)
+    save_file(tensors, str(weights))
+    with pytest.raises(AdapterLoadError) as info:
+        ml.load_adapter(tiny_model("llama"), tmp_path)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(weights) in message and repr(bad) in message, message
+
+
+def test_damaged_safetensors_and_float64_tensors(tmp_path):
+    """Oracle: a truncated or non-safetensors file is a one-line AdapterLoadError naming the file (not the
+    library's own exception); float64 tensors (an adapter trained in float64) load cast to float32."""
+    from safetensors.torch import load_file, save_file
+
+    model = adapted("lora")
+    ml.save_adapter(model, tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    good = weights.read_bytes()
+    for damaged in (good[:40], b"\x00" * 64, b"not a safetensors file"):
+        weights.write_bytes(damaged)
+        with pytest.raises(AdapterLoadError, match="not a readable safetensors file") as info:
+            ml.load_adapter(tiny_model("llama"), tmp_path)
+        assert len(str(info.value).splitlines()) == 1 and str(weights) in str(info.value)
+    weights.write_bytes(good)
+    save_file({k: v.double() for k, v in load_file(str(weights)).items()}, str(weights))
+    loaded = ml.load_adapter(tiny_model("llama"), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(model))
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("name", MERGEABLE)
 def test_merged_equals_unmerged(name, family):

@@ -92,9 +92,18 @@ def read_adapter_record(directory: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object, got {type(record).__name__}")
     for key in ("adapter_type", "config", "targets"):
         if key not in record:
             raise AdapterLoadError(f"{path}: missing field {key!r}; fields present: {sorted(record)}")
+    if not isinstance(record["adapter_type"], str) or not isinstance(record["config"], dict):
+        raise AdapterLoadError(f"{path}: 'adapter_type' must be a string and 'config' an object")
+    targets = record["targets"]
+    if not isinstance(targets, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v) for v in targets.values()
+    ):
+        raise AdapterLoadError(f"{path}: 'targets' must map module names to [in_features, out_features]")
     return record
 
 
@@ -122,6 +131,44 @@ def check_compatible(model: nn.Module, record: dict[str, Any], source: str = "ad
         )
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def read_adapter_tensors(path: Path, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, checked against the adapter's parameters before any is copied: the same
+    names, each of the parameter's shape and of a floating-point dtype (cast to the parameter's dtype on
+    copy, so a float64 adapter loads onto a float32 base). Any mismatch is one line naming file and tensor."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({reason})") from None
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing:
+        raise AdapterLoadError(
+            f"{path}: missing tensor {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    if unexpected:
+        raise AdapterLoadError(
+            f"{path}: unexpected tensor {unexpected[0]!r}"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+            + " (not a parameter of this adapter)"
+        )
+    for name, param in params.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise AdapterLoadError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise AdapterLoadError(
+                f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating-point dtype "
+                f"(the adapter's is {param.dtype})"
+            )
+    return tensors
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Add the saved adapter to a fresh base ``model`` and load its tensors; returns ``model``."""
     directory = Path(directory)
@@ -131,22 +178,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     check_compatible(model, record, source=str(directory))
     config_dict = dict(record["config"])
     config_dict["target_modules"] = list(record["targets"])  # the resolved names, exactly
-    add_adapter(model, config_from_dict(record["adapter_type"], config_dict))
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterLoadError(f"{weights_path} not found")
-    tensors = load_file(str(weights_path))
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise AdapterLoadError(
-            f"{weights_path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
-        )
+    add_adapter(model, config_from_dict(record["adapter_type"], config_dict))
+    tensors = read_adapter_tensors(weights_path, adapter_parameters(model))
     with torch.no_grad():
-        for name, param in params.items():
-            if tuple(tensors[name].shape) != tuple(param.shape):
-                raise AdapterLoadError(
-                    f"{weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
-                )
+        for name, param in adapter_parameters(model).items():
             param.copy_(tensors[name])
     return model

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from metalora.data.bbh import load_bbh
+from metalora.data.bbh import BBH_TASKS, load_bbh
 from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example
 from metalora.data.templates import mc_example
@@ -423,6 +423,10 @@ def resolve_builtin(name: str) -> BuiltinInfo:
             _mmlu([subject]),
         )
     if name.startswith("bbh:") and len(name) > 4:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name[4:]):  # a BIG-bench task directory; never bbh:../../x
+            raise MetaloraDataError(
+                f"bbh task {name[4:]!r}: expected a BIG-bench task name (letters, digits, '_'), e.g. {BBH_TASKS[2]}"
+            )
         return BuiltinInfo(
             "mc",
             f"bigbench/benchmark_tasks ({name[4:]})",

@@ -17,6 +17,27 @@ from pathlib import Path
 from metalora.data.bbh import ALIASES, BBH_TASKS, BIGBENCH_SDIST, UNBUILDABLE, cache_root
 
 
+def unpack_task_files(sdist: Path, staging: Path, names: list[str]) -> None:
+    """Write the ``benchmark_tasks/<task>/**/task.json`` files of ``sdist`` whose task is among ``names``
+    into ``staging``; a member whose path climbs out (``..``, absolute) or is not a regular file is skipped."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if "benchmark_tasks" not in parts or not member.isfile() or parts[-1] != "task.json":
+                continue
+            rel = Path(*parts[parts.index("benchmark_tasks") + 1 :])
+            if ".." in rel.parts or rel.is_absolute():  # a member may not write outside the cache
+                continue
+            top = rel.parts[0]
+            if not any(n == top or n.startswith(top + "_") for n in names):
+                continue
+            source = tar.extractfile(member)
+            assert source is not None
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read())
+
+
 def install(dest: Path | None = None) -> Path:
     """Download the ``bigbench`` sdist with pip (no install, no dependencies) and unpack only the BBH task
     files into ``dest`` (default: metalora's cache); a no-op when they are there."""
@@ -44,20 +65,7 @@ def install(dest: Path | None = None) -> Path:
         )
         sdist = next(Path(tmp).glob("bigbench-*.tar.gz"))
         staging = Path(tmp) / "unpacked"
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                parts = Path(member.name).parts
-                if "benchmark_tasks" not in parts or not member.isfile() or parts[-1] != "task.json":
-                    continue
-                rel = Path(*parts[parts.index("benchmark_tasks") + 1 :])
-                top = rel.parts[0]
-                if not any(n == top or n.startswith(top + "_") for n in names):
-                    continue
-                source = tar.extractfile(member)
-                assert source is not None
-                target = staging / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(source.read())
+        unpack_task_files(sdist, staging, names)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(staging, dest)
