@@ -231,6 +231,17 @@ class ModelNotFoundError(FileNotFoundError):
     """A model name that is no embedded default, no local directory and not in the local HF cache."""
 
 
+def _not_found(name: str, error: OSError, local_files_only: bool) -> ModelNotFoundError:
+    """One line for a model that is nowhere: a missing directory, or a name not in the local HF cache."""
+    if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):
+        return ModelNotFoundError(f"cannot load {name!r}: no such model directory")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelNotFoundError(
+        f"cannot load {name!r}: it is not an embedded default ({sorted(EMBEDDED)}), not a local directory, "
+        f"and not in the local HF cache (local_files_only={local_files_only}). transformers said: {first_line}"
+    )
+
+
 def load_base(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
@@ -276,13 +287,7 @@ def load_base(
     except OSError as e:
         if embedded or Path(name).exists():
             raise
-        if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):
-            raise ModelNotFoundError(f"cannot load {name!r}: no such model directory") from None
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelNotFoundError(
-            f"cannot load {name!r}: it is not an embedded default ({sorted(EMBEDDED)}), not a local directory, "
-            f"and not in the local HF cache (local_files_only={local_files_only}). transformers said: {first_line}"
-        ) from None
+        raise _not_found(name, e, local_files_only) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:
