@@ -1,6 +1,7 @@
 """Adapter speed and memory, measured side by side against PEFT LoRA on the same model and data.
 
     python benchmarks/adapters.py [--model tiny|smollm2-135m|both] [--batch 8] [--seq 128] [--repeats 10]
+    python benchmarks/adapters.py --markdown   # the doc's tables from results/adapters.json, running nothing
 
 (a) training step (forward + backward + AdamW step) time of each adapter over PEFT LoRA's
     (``peft.get_peft_model``), same rank, targets, batch and sequence length; goal MTL-LoRA ≤ 1.10;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    RESULTS,
     SavedTensorBytes,
     current_rss_bytes,
+    generated,
     interleaved_medians,
     machine,
+    markdown_table,
     peak_rss_bytes,
     reset_peak_rss,
     run_in_fresh_process,
@@ -191,6 +196,40 @@ COLUMNS = [
 ]
 
 
+HEADER = [
+    "adapter", "train step (s)", "train vs PEFT LoRA", "forward vs merged (mixed tasks)", "activations vs PEFT LoRA",
+    "peak-RSS growth (MiB)", "vs PEFT LoRA",
+]  # fmt: skip
+
+
+def markdown_tables(stored: dict[str, Any]) -> dict[str, str]:
+    """The doc's tables, one per stored run, printed from ``results/adapters.json`` (MTL-LoRA's two goal
+    ratios in bold)."""
+    tables = {}
+    for run in stored["runs"]:
+        rows = []
+        for r in run["rows"]:
+            b = "**" if r["adapter"] == "mtl_lora" else ""
+            fwd = r["forward_ratio_vs_merged"]
+            rows.append(
+                [
+                    r["adapter"],
+                    f"{r['train_step_s']:.3f}",
+                    f"{b}{r['train_ratio_vs_peft_lora']:.3f}{b}",
+                    f"{b}{fwd:.3f}{b}" if fwd is not None else "—",
+                    f"{r['activation_ratio_vs_peft_lora']:.3f}",
+                    f"{r['peak_rss_growth_MiB']:.0f}",
+                    f"{r['peak_rss_ratio_vs_peft_lora']:.3f}",
+                ]
+            )
+        title = (
+            f"**{run['model']}** (batch {run['batch']}, seq {run['seq']}, r {run['r']}, targets q,k,v,o; "
+            f"median of {run['repeats']} interleaved repeats):\n\n"
+        )
+        tables[run["model"]] = title + markdown_table(HEADER, rows)
+    return tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,7 +239,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--markdown", action="store_true", help="run nothing: the doc's tables from the JSON")
     args = parser.parse_args()
+    if args.markdown:
+        stored = json.loads((RESULTS / "adapters.json").read_text())
+        for name, body in markdown_tables(stored).items():
+            print(generated("python benchmarks/adapters.py --markdown", name, body) + "\n")
+        return
     names = ["tiny", "smollm2-135m"] if args.model == "both" else [args.model]
     results = {
         "machine": machine(),

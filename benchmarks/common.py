@@ -112,6 +112,17 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-markdown table of already formatted cells (the doc tables printed from stored JSON)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def generated(command: str, name: str, body: str) -> str:
+    """``body`` (a table printed from stored JSON) under the HTML comment the doc marks it with."""
+    return f"<!-- generated: {command} (table {name}); do not edit by hand -->\n{body}"
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -41,8 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     SavedTensorBytes,
+    generated,
     interleaved_medians,
     machine,
+    markdown_table,
     peak_rss_bytes,
     reset_peak_rss,
     save,
@@ -322,6 +324,26 @@ def part_c(
 # --- main -------------------------------------------------------------------------------------------------
 
 
+def markdown_ab(stored: dict[str, Any]) -> str:
+    """The doc's table of (a) and (b), printed from ``results/meta.json``."""
+    a, b = stored["a_overhead"], stored["b_memory"]
+    tasks, k, support, query = a["n_tasks"], a["inner_steps"], a["support_size"], a["query_size"]
+    rows = [
+        [
+            f"(a) MeTA-LoRA iteration time / raw forward+backward of the same samples (n={tasks}, k={k}, "
+            f"\\|S\\|={support}, \\|Q\\|={query})",
+            f"**{a['overhead_ratio']:.3f}**",
+            f"≤ {a['goal']:.2f}",
+        ],
+        [
+            "(b) peak memory / a LoRA-MT step at the same batch (default malloc; with the mmap threshold pinned)",
+            f"**{b['default_malloc']['peak_ratio']:.3f}** ({b['pinned_mmap_threshold']['peak_ratio']:.3f})",
+            f"≤ {b['goal']:.2f}",
+        ],
+    ]
+    return markdown_table(["check", "measured", "goal"], rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="a,b,c")
@@ -336,7 +358,14 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1000, help="MeTA-LoRA iterations for (c) and (d)")
     p.add_argument("--mt-epochs", type=float, default=3.0, help="full-data LoRA-MT epochs for (c)")
     p.add_argument("--probe", choices=["meta", "mt"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--markdown", action="store_true", help="run nothing: the doc's (a)/(b) table from the JSON"
+    )
     args = p.parse_args()
+    if args.markdown:
+        stored = json.loads((Path(__file__).resolve().parent / "results" / "meta.json").read_text())
+        print(generated("python benchmarks/meta.py --markdown", "ab", markdown_ab(stored)))
+        return
     torch.set_num_threads(args.threads)
     if args.probe:
         print(json.dumps(memory_probe(args.probe, args.model, args.seq, args.r)))

@@ -11,13 +11,21 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_bytes, peak_rss_bytes, reset_peak_rss, run_in_fresh_process, table  # noqa: E402
+from common import (  # noqa: E402
+    current_rss_bytes,
+    markdown_table,
+    peak_rss_bytes,
+    reset_peak_rss,
+    run_in_fresh_process,
+    table,
+)
 from reweight_common import (  # noqa: E402
     MAX_LEN,
     TRAIN_BATCH,
@@ -91,6 +99,42 @@ def part_a(kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     )
     print(table(rows, list(rows[0])))
     return {"probes": out, "rows": rows}
+
+
+ALLOCATOR_LABELS = {
+    "mmap_threshold_128KiB": "live memory (mmap threshold 128 KiB)",
+    "glibc_default": "glibc default",
+}
+STEP_LABELS = {
+    "plain": "plain LoRA",
+    "fused": "reweight, fused (one backward)",
+    "two_backward": "reweight, two backward passes",
+}
+
+
+def markdown_tables(stored: Mapping[str, Any]) -> dict[str, str]:
+    """The doc's table of (a), printed from ``a_memory`` in the stored results (live memory first)."""
+    if "a_memory" not in stored:
+        return {}
+    rows = sorted(stored["a_memory"]["rows"], key=lambda r: list(ALLOCATOR_LABELS).index(r["allocator"]))
+    cells = []
+    for r in rows:
+        goal = (
+            r["allocator"] == "mmap_threshold_128KiB" and r["step"] == "fused"
+        )  # the row the goal is read on
+        b = "**" if goal else ""
+        cells.append(
+            [
+                ALLOCATOR_LABELS[r["allocator"]],
+                STEP_LABELS[r["step"]],
+                f"{r['peak_rss_MiB']:.0f} MiB",
+                f"{b}{r['peak_ratio_vs_plain']:.3f}{b}",
+                f"{r['step_growth_MiB']:.0f} MiB",
+                f"{b}{r['growth_ratio_vs_plain']:.3f}{b}",
+            ]
+        )
+    header = ["allocator", "step", "peak RSS", "vs plain", "growth during the step", "vs plain"]
+    return {"a_memory": markdown_table(header, cells)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import markdown_table, table  # noqa: E402
 from reweight_common import (  # noqa: E402
     DEFAULT_MODEL,
     TRAIN_BATCH,
@@ -200,6 +200,104 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "shared_direction": args.shared_direction,
         "model": model_name(),
     }
+
+
+# The doc's (c) tables: (label, key) per row; a label's {fields} are filled from the stored config.
+SCIQ_ROWS = [
+    ('`letter_text` (" B. <option>")', "c_noisy_labels"),
+    ('cloze `text` (" <option>", acc_norm)', "c_noisy_labels_text"),
+    ("cloze, `exact` per-sample gradients (the reference)", "c_noisy_labels_text_exact"),
+    (
+        "cloze, {epochs} epochs ({total} steps); AUC of epochs 2–{epochs} only in brackets",
+        "c_noisy_labels_text_3epochs",
+    ),
+    ("cloze, `score: cosine` (u_i / ‖∇ℓ_i‖, our option)", "c_noisy_labels_text_cosine"),
+]
+SST2_ROWS = [
+    ("{steps} steps, lr {lr}", "c_noisy_labels_text_sst2"),
+    ("{steps} steps, lr {lr}, `exact`", "c_noisy_labels_text_exact_sst2"),
+    ("{epochs} epochs of {steps} steps ({n_train} samples), lr {lr}; epoch 2 only in brackets", "c_noisy_labels_text_sst2_2epochs_lr2e-4"),
+    ("**warm start** ({warm_steps} steps on {warm_n} clean, disjoint examples), then {epochs} × {steps} steps, lr {lr}", "c_noisy_labels_text_sst2_2epochs_warm40"),
+    ("warm start, {val_batch} validation samples per step, the paper's score", "c_noisy_labels_text_sst2_2epochs_val8_warm40"),
+    ("warm start, {val_batch} per step, `val_balance: answer`, `shared_direction: remove`, `score: cosine` (ours)", "c_noisy_labels_text_cosine_sst2_balanced_unshared_2epochs_val8_warm40"),
+    ("the same with all {val_batch} validation samples every step", "c_noisy_labels_text_cosine_sst2_balanced_unshared_2epochs_val32_warm40"),
+    ("warm start, {val_batch} per step, both options, `score: layer_cosine` (ours)", "c_noisy_labels_text_layer_cosine_sst2_balanced_unshared_2epochs_val8_warm40"),
+    ("the same with all {val_batch} validation samples every step", "c_noisy_labels_text_layer_cosine_sst2_balanced_unshared_2epochs_val32_warm40"),
+]  # fmt: skip
+GEMMA_ROWS = [
+    ("{seed}", "c_noisy_labels_text_sst2_2epochs_warm40_gemma3_270m"),
+    ("{seed}, our options ({val_batch} per step, both directions, `{score}`)", "c_noisy_labels_text_layer_cosine_sst2_balanced_unshared_2epochs_val8_warm40_gemma3_270m"),
+]  # fmt: skip
+
+
+def _label(template: str, result: Mapping[str, Any], **extra: Any) -> str:
+    c = {**DEFAULTS, **{k: v for k, v in result.items() if k != "rows"}, **extra}
+    lr = f"{c['lr']:.0e}".replace("e-0", "e-")
+    total = c["steps"] * c["epochs"]
+    return template.format(**{**c, "lr": lr, "total": total, "warm_n": c["warm_steps"] * TRAIN_BATCH})
+
+
+def _auc(row: Mapping[str, Any], bold: bool) -> str:
+    b = "**" if bold else ""
+    late = row.get("auc_after_epoch_1")
+    return f"{b}{row['auc_clean_vs_corrupt']:.2f}{b}" + (f" ({late:.2f})" if late is not None else "")
+
+
+def _per_seed(rows: list[Mapping[str, Any]], field: str) -> str:
+    return " / ".join(f"{r[field]:.2f}" if r.get(field) is not None else "—" for r in rows)
+
+
+def _weights(rows: list[Mapping[str, Any]]) -> str:
+    return "; ".join(f"{r['mean_Bw_clean']:.2f} / {r['mean_Bw_corrupt']:.2f}" for r in rows)
+
+
+def _seed_table_row(label: str, result: Mapping[str, Any], with_warm: bool) -> list[str]:
+    rows = result["rows"]
+    ours = result.get("val_balance", "none") != "none" or result.get("score", "dot") != "dot"
+    aucs = [_auc(r, ours and result.get("task") == "sst2") for r in rows] + ["—"] * (2 - len(rows))
+    warm = [_per_seed(rows, "acc_warm_start")] if with_warm else []
+    plain, reweighted = _per_seed(rows, "acc_plain"), _per_seed(rows, "acc_reweight")
+    return [label, *aucs, *warm, _weights(rows), plain, reweighted]
+
+
+def markdown_tables(stored: Mapping[str, Any]) -> dict[str, str]:
+    """The doc's (c) tables, printed from the stored results: sciq, SST-2, and SST-2 on Gemma 3 270M. AUC of
+    the mean learned weight (clean = positive; in brackets after epoch 1), the mean weight of clean and of
+    corrupted samples (× a uniform share), held-out accuracy of plain LoRA and of reweighting."""
+    tables = {}
+    weights = "mean weight clean / corrupted (s0; s1)"
+    head = ["AUC seed 0", "AUC seed 1", weights, "held-out acc plain (s0 / s1)", "reweighted (s0 / s1)"]
+    if all(k in stored for _, k in SCIQ_ROWS):
+        rows = [_seed_table_row(_label(t, stored[k]), stored[k], False) for t, k in SCIQ_ROWS]
+        tables["c_sciq"] = markdown_table(["answer format", *head], rows)
+    if all(k in stored for _, k in SST2_ROWS):
+        rows = [_seed_table_row(_label(t, stored[k]), stored[k], True) for t, k in SST2_ROWS]
+        tables["c_sst2"] = markdown_table(["setting", *head[:2], "warm-start acc (s0 / s1)", *head[2:]], rows)
+    if all(k in stored for _, k in GEMMA_ROWS):
+        rows = []
+        for template, key in GEMMA_ROWS:
+            ours = stored[key].get("score", "dot") != "dot"
+            for r in stored[key]["rows"]:
+                rows.append(
+                    [
+                        _label(template, stored[key], seed=r["seed"]),
+                        f"{r['acc_warm_start']:.2f}",
+                        _auc(r, ours),
+                        _weights([r]),
+                        f"{r['acc_plain']:.2f}",
+                        f"{r['acc_reweight']:.2f}",
+                    ]
+                )
+        header = [
+            "seed",
+            "warm start acc",
+            "AUC (epoch 2 only)",
+            "mean weight clean / corrupted",
+            "held-out acc plain",
+            "reweighted",
+        ]
+        tables["c_gemma"] = markdown_table(header, rows)
+    return tables
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

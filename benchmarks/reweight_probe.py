@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import markdown_table, table  # noqa: E402
 from reweight_common import (  # noqa: E402
     DEFAULT_MODEL,
     TRAIN_BATCH,
@@ -208,6 +208,48 @@ def part_c_probe(seed_list: list[int], cfg: dict[str, Any], checkpoints: Sequenc
     )
     print(table(rows, list(rows[0])))
     return {"rows": rows, **cfg}
+
+
+# The doc's probe tables: stored key, then (header, column) pairs after seed and step; "a / b" joins two.
+PROBE_TABLES = {
+    "probe": ("c_probe_sst2_warm40", [
+        ("held-out acc", "test_acc"), ("AUC dot (the paper's u)", "auc_dot"), ("AUC cosine", "auc_cosine"),
+        ("AUC −loss", "auc_neg_loss"), ("dot separates the given labels", "label_separation_dot"),
+        ("AUC dot within a label", "auc_dot_within_label"), ("answer-balanced", "auc_answer_balanced"),
+        ("answer-balanced, cosine", "**auc_answer_balanced_cosine"), ("shared removed", "auc_pc_removed"),
+        ("shared removed, cosine", "**auc_pc_removed_cosine"),
+        ("balanced / removed separate the labels", "label_separation_balanced / label_separation_pc_removed"),
+    ]),
+    "probe_layer_cosine": ("c_probe_sst2_warm40_layer_cosine", [
+        ("held-out acc", "test_acc"), ("AUC dot (the paper's u)", "auc_dot"), ("AUC cosine", "auc_cosine"),
+        ("both, cosine", "auc_both_cosine"), ("layer_cosine", "auc_layer_cosine"),
+        ("**layer_cosine, both**", "**auc_layer_cosine_both"),
+    ]),
+    "probe_gemma": ("c_probe_sst2_warm40_gemma3_270m", [
+        ("held-out acc", "test_acc"), ("AUC dot (the paper's u)", "auc_dot"), ("AUC cosine", "auc_cosine"),
+        ("AUC −loss", "auc_neg_loss"), ("dot separates the given labels", "label_separation_dot"),
+        ("AUC dot within a label", "auc_dot_within_label"), ("training loss", "train_loss"),
+    ]),
+}  # fmt: skip
+
+
+def _cell(row: Mapping[str, Any], column: str) -> str:
+    bold = "**" if column.startswith("**") else ""
+    return " / ".join(f"{bold}{row[c]:.2f}{bold}" for c in column.removeprefix("**").split(" / "))
+
+
+def markdown_tables(stored: Mapping[str, Any]) -> dict[str, str]:
+    """The doc's probe tables (SmolLM2, its ``layer_cosine`` columns, Gemma 3 270M), printed from the stored
+    results."""
+    tables = {}
+    for name, (key, columns) in PROBE_TABLES.items():
+        if key in stored:
+            rows = [
+                [str(r["seed"]), str(r["step"]), *(_cell(r, c) for _, c in columns)]
+                for r in stored[key]["rows"]
+            ]
+            tables[name] = markdown_table(["seed", "step", *(h for h, _ in columns)], rows)
+    return tables
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:

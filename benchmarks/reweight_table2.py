@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import markdown_table, table  # noqa: E402
 from reweight_common import (  # noqa: E402
     STYLES,
     TRAIN_BATCH,
@@ -164,6 +164,34 @@ def part_d(seed_list: list[int], cfg: dict[str, Any], methods: Sequence[str] = M
     )
     print(table(summary, list(summary[0])))
     return {"rows": rows, "summary": summary, **cfg}
+
+
+def markdown_tables(stored: Mapping[str, Any]) -> dict[str, str]:
+    """The doc's (d) tables, printed from the stored results: every ``d_table2*`` key's per-method summary
+    (mean ± sd of held-out accuracy over the seeds, each seed's accuracy, the related task's share)."""
+    tables = {}
+    for key, result in stored.items():
+        if not key.startswith("d_table2"):
+            continue
+        related = result.get("related", "sciq")
+        acc = (
+            "test_acc" if "test_acc" in result["rows"][0] else f"{result.get('target', 'arc_easy')}_test_acc"
+        )
+        rows = []
+        for s in result["summary"]:
+            per_seed = [r for r in result["rows"] if r["method"] == s["method"]]
+            share = s.get(f"share_{related}")
+            rows.append(
+                [
+                    s["method"],
+                    f"{s['mean_acc']:.3f} ± {s['std_acc']:.3f}" if per_seed else f"{s['mean_acc']:.3f}",
+                    " / ".join(f"{r[acc]:.2f}" for r in per_seed),
+                    f"{share:.2f}" if share is not None else "",
+                ]
+            )
+        header = ["method", "held-out acc, mean ± sd", "per seed", f"share of {related}"]
+        tables[key] = markdown_table(header, rows)
+    return tables
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, table  # noqa: E402
+from common import interleaved_medians, markdown_table, table  # noqa: E402
 from reweight_common import (  # noqa: E402
     MAX_LEN,
     TRAIN_BATCH,
@@ -110,6 +111,39 @@ def part_b(repeats: int) -> dict[str, Any]:
         "rows": rows,
         "agreement": agree,
         "scores": {k: v.tolist() for k, v in scores.items()},
+    }
+
+
+STEP_LABELS = {
+    "plain_T": "plain LoRA step on the training batch",
+    "floor_T+V": "floor: plain step + validation forward/backward",
+    "reweight_fused": "reweight, fused",
+    "reweight_two_backward": "reweight, two backward passes",
+}
+
+
+def markdown_tables(stored: Mapping[str, Any]) -> dict[str, str]:
+    """The doc's tables of (b), printed from ``b_time`` in the stored results: step times, and the agreement
+    of the low-rank and dense scores with the exact ones."""
+    if "b_time" not in stored:
+        return {}
+    cells = []
+    for r in stored["b_time"]["rows"]:
+        b = "**" if r["step"] == "reweight_fused" else ""
+        ratios = [f"{r['median_s']:.2f}", f"{r['ratio_vs_plain_T']:.3f}", f"{b}{r['ratio_vs_floor']:.3f}{b}"]
+        cells.append([STEP_LABELS[r["step"]], *ratios])
+    agree = [
+        [
+            a["similarity"],
+            f"{a['spearman_vs_exact']:.3f}",
+            f"{a['pearson_vs_exact']:.3f}",
+            f"{a['sign_agreement']:.2f}",
+        ]
+        for a in stored["b_time"]["agreement"]
+    ]
+    return {
+        "b_time": markdown_table(["step", "seconds", "vs plain", "vs floor"], cells),
+        "b_agreement": markdown_table(["score", "Spearman vs exact", "Pearson vs exact", "same sign"], agree),
     }
 
 
