@@ -1,4 +1,4 @@
-"""The ``metalora`` command: train, eval, export, select, demo.
+"""The ``metalora`` command: train, eval, export, select, compare, demo.
 
 The command layer: this module builds the parser; each sub-command lives in ``metalora/cli/<command>.py``
 as ``run(args)``, which calls the library. Errors the user can fix (a bad config key or value, a missing
@@ -116,6 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_command("select"))
 
     p = sub.add_parser(
+        "compare",
+        help="train recipes over seeds and compare them on the same held-out items, with 95% intervals",
+        description="Train every recipe on every seed (resumable), score each on the same held-out items, "
+        "and write DIR/compare.json, DIR/compare.md and DIR/plots/: per task and macro, the mean over seeds "
+        "with a 95%% Student-t interval, and against --reference a paired bootstrap over the test items. "
+        "key=value overrides apply to every recipe.",
+    )
+    p.add_argument("items", nargs="+", metavar="RECIPE|key=value", help="recipe YAML files, then overrides")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--tasks", default=None, help="tasks to score, as for eval (default: each recipe's own)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("--reference", default=None, help="the recipe (file stem) the others are tested against")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (default 1)")
+    p.add_argument("--lr-grid", default=None, help="comma-separated rates; each recipe's best on dev is used")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--shots", type=int, default=None, help="k-shot (default: each benchmark's own)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.set_defaults(func=_command("compare"))
+
+    p = sub.add_parser(
         "demo",
         help="the main job: MeTA-LoRA on SmolLM2 + built-in tasks, eval, report, export",
         description="Fine-tune the embedded SmolLM2-135M with MeTA-LoRA on several built-in real "
@@ -130,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "compare" and extra and not any(e.startswith("-") for e in extra):
+        args.items += extra  # key=value overrides written after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except (FileNotFoundError, ValueError) as exc:  # validation errors carry their own clear message

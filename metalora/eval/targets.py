@@ -43,6 +43,8 @@ class EvalSettings:
     unseen_task: str | int = "uniform"
     seed: int = 0
     progress: bool = True
+    per_item: bool = False
+    """Also record each item's 0/1 scores (``evaluate_tasks(per_item=True)``)."""
 
 
 def load_eval_target(target: str | Path, base: str | None = None) -> tuple[nn.Module, Any, str]:
@@ -78,30 +80,42 @@ def evaluate_target(
     target: str | Path, tasks: list[Task], settings: EvalSettings, base: str | None = None
 ) -> dict[str, Any]:
     """Score ``target`` and (unless it is a base model) its base model on ``tasks``: the eval.json record."""
-    kwargs = asdict(settings)
-    unseen = kwargs.pop("unseen_task")
-    per_task = task_adapters(target)
-    with torch.no_grad():
-        if per_task:  # LoRA-ST: each task with its own adapter
-            missing = [t.name for t in tasks if t.name not in per_task]
-            if missing:
-                raise ValueError(
-                    f"{target} is a LoRA-ST run with adapters for {', '.join(per_task)}; "
-                    f"none for {', '.join(missing)}"
-                )
-            after, kind = {}, "metalora_st"
-            for task in tasks:
-                model, tok, _ = load_eval_target(per_task[task.name], base)
-                after |= evaluate_tasks(model, tok, [task], unseen_task=unseen, **kwargs)
-        else:
-            model, tok, kind = load_eval_target(target, base)
-            after = evaluate_tasks(model, tok, tasks, unseen_task=unseen, **kwargs)
-        before = None
-        if kind != "base":
+    after, kind = evaluate_adapted(target, tasks, settings, base)
+    before = None
+    if kind != "base":
+        with torch.no_grad():
             base_model, base_tok = load_base(base or base_name_of(target))
-            before = evaluate_tasks(base_model.eval(), base_tok, tasks, **kwargs)
+            before = evaluate_tasks(base_model.eval(), base_tok, tasks, **_task_kwargs(settings))
     record = {"target": str(target), "kind": kind, "split": settings.split, "seed": settings.seed}
     return record | {"shots": settings.shots, "limit": settings.limit, "after": after, "base": before}
+
+
+def evaluate_adapted(
+    target: str | Path, tasks: list[Task], settings: EvalSettings, base: str | None = None
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """(per-task scores, kind) of ``target`` alone; a LoRA-ST run scores each task with its own adapter."""
+    kwargs = _task_kwargs(settings)
+    per_task = task_adapters(target)
+    with torch.no_grad():
+        if not per_task:
+            model, tok, kind = load_eval_target(target, base)
+            return evaluate_tasks(model, tok, tasks, unseen_task=settings.unseen_task, **kwargs), kind
+        missing = [t.name for t in tasks if t.name not in per_task]
+        if missing:
+            raise ValueError(
+                f"{target} is a LoRA-ST run with adapters for {', '.join(per_task)}; none for {', '.join(missing)}"
+            )
+        after: dict[str, dict[str, Any]] = {}
+        for task in tasks:
+            model, tok, _ = load_eval_target(per_task[task.name], base)
+            after |= evaluate_tasks(model, tok, [task], unseen_task=settings.unseen_task, **kwargs)
+    return after, "metalora_st"
+
+
+def _task_kwargs(settings: EvalSettings) -> dict[str, Any]:
+    kwargs = asdict(settings)
+    kwargs.pop("unseen_task")
+    return kwargs
 
 
 def eval_tasks_for(target: str | Path, tasks_arg: str | None, seed: int | None) -> tuple[list[Task], int]:

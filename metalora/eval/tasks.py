@@ -79,8 +79,12 @@ def evaluate_tasks(
     unseen_task: str | int = "uniform",
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Per-task metrics: MC ``acc``/``acc_norm``; generation ``exact_match``; each with ``n``."""
+    per_item: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per-task metrics: MC ``acc``/``acc_norm``; generation ``exact_match``; each with ``n``.
+
+    ``per_item``: also ``items``, each item's id and 0/1 score under every accuracy metric (the paired
+    bootstrap of ``metalora compare`` resamples them)."""
     model.eval()
     results: dict[str, dict[str, float]] = {}
     for task in tasks:
@@ -92,39 +96,60 @@ def evaluate_tasks(
             "description": settings.get("description", ""),
         }
         if task.meta.get("kind") == "gen":
-            # generation has no per-option scores to average: an unseen task with "uniform" uses task id 0
-            route = route_for(model, task.name, 0 if unseen_task == "uniform" else unseen_task)
-            res = evaluate_generation(
-                model,
-                tokenizer,
-                items,
-                extractor=settings.get("extractor", "gsm8k"),
-                fewshot_pool={task.name: task.dev},
-                num_fewshot=k,
-                seed=seed,
-                batch_size=batch_size,
-                stop=tuple(settings.get("stop", ("\n\n",))),
-                max_new_tokens=int(settings.get("max_new_tokens", 256)),
-                forward_context=route,
-                **protocol,
-                progress=progress,
+            results[task.name] = _evaluate_gen(
+                model, tokenizer, task, items, k, batch_size, unseen_task, seed, progress, protocol
             )
-            results[task.name] = {
-                "primary": "exact_match",
-                "exact_match": res.per_task[task.name]["exact_match"],
-                "n": len(items),
-                **regression_metrics(res.predictions),
-            }
-            continue
-        style = mc_style(task)
-        views = [mc_view(e, style) for e in items]
-        pool = {task.name: [mc_view(e, style) for e in task.dev]}
-        # cloze-style options differ in length: length-normalised accuracy is the meaningful one there
-        primary = {"primary": settings.get("primary", "acc_norm" if style == "text" else "acc")}
-        results[task.name] = primary | _evaluate_mc(
-            model, tokenizer, task.name, views, pool, k, batch_size, unseen_task, seed, progress, protocol
-        )
+        else:
+            results[task.name] = _evaluate_task_mc(
+                model, tokenizer, task, items, k, batch_size, unseen_task, seed, progress, protocol
+            )
+        scored = results[task.name].pop("items")
+        if per_item:
+            results[task.name]["items"] = scored
     return results
+
+
+def _evaluate_gen(model, tokenizer, task, items, k, batch_size, unseen_task, seed, progress, protocol):
+    settings = task.meta.get("eval", {})
+    # generation has no per-option scores to average: an unseen task with "uniform" uses task id 0
+    route = route_for(model, task.name, 0 if unseen_task == "uniform" else unseen_task)
+    res = evaluate_generation(
+        model,
+        tokenizer,
+        items,
+        extractor=settings.get("extractor", "gsm8k"),
+        fewshot_pool={task.name: task.dev},
+        num_fewshot=k,
+        seed=seed,
+        batch_size=batch_size,
+        stop=tuple(settings.get("stop", ("\n\n",))),
+        max_new_tokens=int(settings.get("max_new_tokens", 256)),
+        forward_context=route,
+        **protocol,
+        progress=progress,
+    )
+    return {
+        "primary": "exact_match",
+        "exact_match": res.per_task[task.name]["exact_match"],
+        "n": len(items),
+        **regression_metrics(res.predictions),
+        "items": {
+            "ids": [p.id for p in res.predictions],
+            "exact_match": [int(p.correct) for p in res.predictions],
+        },
+    }
+
+
+def _evaluate_task_mc(model, tokenizer, task, items, k, batch_size, unseen_task, seed, progress, protocol):
+    settings = task.meta.get("eval", {})
+    style = mc_style(task)
+    views = [mc_view(e, style) for e in items]
+    pool = {task.name: [mc_view(e, style) for e in task.dev]}
+    # cloze-style options differ in length: length-normalised accuracy is the meaningful one there
+    primary = {"primary": settings.get("primary", "acc_norm" if style == "text" else "acc")}
+    return primary | _evaluate_mc(
+        model, tokenizer, task.name, views, pool, k, batch_size, unseen_task, seed, progress, protocol
+    )
 
 
 def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task, seed, progress, protocol):
@@ -146,28 +171,42 @@ def _evaluate_mc(model, tokenizer, name, views, pool, k, batch_size, unseen_task
     if trained is None or name in trained or unseen_task != "uniform":
         res = run(route_for(model, name, unseen_task))
         stats = res.per_task[name]
+        preds = res.predictions
         return {
             "acc": stats["acc"],
             "acc_norm": stats["acc_norm"],
             "n": len(views),
-            **binary_metrics(views, [p.loglikelihoods for p in res.predictions]),
+            **binary_metrics(views, [p.loglikelihoods for p in preds]),
+            "items": _mc_items(views, [p.pred for p in preds], [p.pred_norm for p in preds]),
         }
     # uniform: average each option's log-likelihood over every trained task id
     per_id = [
         run(lambda names, t=t: task_ids(model, [t] * len(names))).predictions for t in range(len(trained))
     ]
-    correct = correct_norm = 0
-    for j, view in enumerate(views):
-        ll = np.mean([np.array(preds[j].loglikelihoods) for preds in per_id], axis=0)
-        chars = np.array(per_id[0][j].num_chars, dtype=float)
-        correct += int(np.argmax(ll) == view.answer)
-        correct_norm += int(np.argmax(ll / chars) == view.answer)
-    lls = [np.mean([preds[j].loglikelihoods for preds in per_id], axis=0) for j in range(len(views))]
+    lls = [
+        np.mean([np.array(preds[j].loglikelihoods) for preds in per_id], axis=0) for j in range(len(views))
+    ]
+    chars = [np.array(per_id[0][j].num_chars, dtype=float) for j in range(len(views))]
+    items = _mc_items(
+        views,
+        [int(np.argmax(ll)) for ll in lls],
+        [int(np.argmax(ll / c)) for ll, c in zip(lls, chars, strict=True)],
+    )
     return {
-        "acc": correct / len(views),
-        "acc_norm": correct_norm / len(views),
+        "acc": sum(items["acc"]) / len(views),
+        "acc_norm": sum(items["acc_norm"]) / len(views),
         "n": len(views),
         **binary_metrics(views, lls),
+        "items": items,
+    }
+
+
+def _mc_items(views: list[MCView], pred: list[int], pred_norm: list[int]) -> dict[str, list]:
+    """Each item's id and 0/1 correctness under ``acc`` and ``acc_norm``."""
+    return {
+        "ids": [v.id for v in views],
+        "acc": [int(p == v.answer) for v, p in zip(views, pred, strict=True)],
+        "acc_norm": [int(p == v.answer) for v, p in zip(views, pred_norm, strict=True)],
     }
 
 

@@ -62,7 +62,10 @@ class DataConfig:
     truncate: str = "left_prompt"
     """How an over-long sample is cut (see ``metalora.data.tokenize``)."""
     seed: int = 0
-    """Seed of the train/dev/test split and of the few-shot draw."""
+    """Seed of the train/dev/test split (and of the few-shot draw unless ``pool_seed`` is set)."""
+    pool_seed: int | None = None
+    """Seed of the ``examples_per_task`` draw from the train split (None: ``seed``). ``metalora compare``
+    varies it with the run's seed while ``seed`` keeps the test items the same."""
     val_task: Any = None
     """Reweighting: the trusted validation set (a task name, spec dict or file)."""
     val_split: str = "dev"

@@ -61,7 +61,8 @@ def run(config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[
     cfg = RunConfig.load(config, overrides)
     tasks = load_tasks(cfg.data.tasks, seed=cfg.data.seed)
     k = cfg.data.examples_per_task
-    examples = build_pools(tasks, k, seed=cfg.data.seed) if k else {t.name: t.train for t in tasks}
+    pool_seed = cfg.data.seed if cfg.data.pool_seed is None else cfg.data.pool_seed
+    examples = build_pools(tasks, k, seed=pool_seed) if k else {t.name: t.train for t in tasks}
     model, tokenizer = load_model(cfg)
     task_to_id = task_id_map(tasks)
     features, stats = {}, {}

@@ -1,0 +1,225 @@
+"""Training and scoring every recipe × seed of a comparison, resumably, one or two runs at a time.
+
+Each (recipe, seed) is one run directory ``DIR/runs/<recipe>-s<seed>`` trained by ``metalora.train.run``
+with the seed applied to every random choice of training (``train``, ``meta``, ``multitask`` and
+``reweight`` seeds, and the few-shot draw ``data.pool_seed``) while ``data.seed`` (the split) stays as the
+recipe has it, so every run is scored on the same held-out items. The scores, trainable parameters and
+counters go to ``DIR/results/<recipe>-s<seed>.json``; a result already there is reused and a run
+interrupted midway resumes from its checkpoint, so ``metalora compare`` can be stopped and started again.
+
+``--lr-grid``: before the seeds, each recipe is trained once per rate (seed of the first run) and
+scored on the *dev* split; the best macro-average primary metric picks the rate (``DIR/tune/``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from metalora import atomic
+from metalora.eval.targets import EvalSettings, eval_tasks_for, evaluate_adapted
+from metalora.rundir import RunDir
+from metalora.train.config import RunConfig
+from metalora.train.runner import run as train_run
+
+SEED_KEYS = ("train.seed", "meta.seed", "multitask.seed", "data.pool_seed")
+
+
+@dataclass
+class Study:
+    """What to compare and how (the ``metalora compare`` arguments)."""
+
+    recipes: list[str]
+    out: Path
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    overrides: list[str] = field(default_factory=list)
+    tasks: str | None = None
+    """Comma-separated tasks to score (default: each recipe's own ``data.tasks``)."""
+    split: str = "test"
+    shots: int | None = None
+    limit: int | None = None
+    jobs: int = 1
+    lr_grid: list[float] | None = None
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        names = [recipe_name(r) for r in self.recipes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two recipes share a name: {names}; give each recipe file its own name")
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"--reference {self.reference!r} is not one of the recipes {names}")
+        if self.jobs < 1:
+            raise ValueError(f"--jobs {self.jobs}: expected 1 or more")
+
+
+def recipe_name(recipe: str) -> str:
+    return Path(recipe).stem
+
+
+def seed_overrides(config: RunConfig, seed: int) -> list[str]:
+    keys = [*SEED_KEYS, *(["reweight.seed"] if config.algorithm == "reweight" else [])]
+    return [f"{key}={seed}" for key in keys]
+
+
+@dataclass
+class Job:
+    """One training run and its scoring."""
+
+    recipe: str
+    seed: int
+    overrides: list[str]
+    run_dir: Path
+    result: Path
+    tasks: str | None
+    settings: EvalSettings
+
+
+def make_job(study: Study, recipe: str, seed: int, extra: list[str], where: str, split: str) -> Job:
+    name = f"{recipe_name(recipe)}-s{seed}" + (
+        "" if where == "runs" else "-" + "-".join(extra).replace("=", "")
+    )
+    base = RunConfig.from_yaml(recipe, study.overrides)
+    overrides = [*study.overrides, *extra, *seed_overrides(base, seed)]
+    overrides += [f"output_dir={study.out / where}", f"name={name}"]
+    settings = EvalSettings(split=split, shots=study.shots, limit=study.limit, progress=False, per_item=True)
+    result = study.out / ("results" if where == "runs" else where) / f"{name}.json"
+    return Job(recipe, seed, overrides, study.out / where / name, result, study.tasks, settings)
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train (resuming) and score one run; its result JSON is written once, at the end."""
+    if job.result.is_file():
+        return json.loads(job.result.read_text())
+    config = RunConfig.from_yaml(job.recipe, job.overrides)
+    run_dir = RunDir(train_run(config))
+    tasks, _ = eval_tasks_for(run_dir.root, job.tasks, config.data.seed)
+    scores, _ = evaluate_adapted(run_dir.root, tasks, job.settings)
+    result = {
+        "recipe": recipe_name(job.recipe),
+        "seed": job.seed,
+        "overrides": job.overrides,
+        "lr": config.train.lr,
+        "split": job.settings.split,
+        "scores": scores,
+        "trainable_params": trainable_parameters(run_dir),
+        "counters": summed_counters(run_dir),
+        "losses": loss_curve(run_dir),
+    }
+    atomic.write_json(job.result, result)
+    return result
+
+
+def _run_job_one_thread(job: Job) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return run_job(job)
+
+
+def run_jobs(jobs: list[Job], parallel: int) -> list[dict[str, Any]]:
+    """Every job, ``parallel`` at a time in worker processes of one thread each (1: in this process)."""
+    if parallel == 1 or len(jobs) == 1:
+        return [run_job(job) for job in jobs]
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+    spawn = multiprocessing.get_context("spawn")  # no forked torch state in the workers
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=spawn) as pool:
+        return list(pool.map(_run_job_one_thread, jobs))
+
+
+def run_study(study: Study) -> list[dict[str, Any]]:
+    """Tune the rates on dev (``lr_grid``), then train and score every recipe × seed on ``split``."""
+    rates = tune_rates(study) if study.lr_grid else {}
+    jobs = [
+        make_job(
+            study, recipe, seed, [f"train.lr={rates[recipe]}"] if recipe in rates else [], "runs", study.split
+        )
+        for recipe in study.recipes
+        for seed in study.seeds
+    ]
+    return run_jobs(jobs, study.jobs)
+
+
+def tune_rates(study: Study) -> dict[str, float]:
+    """The rate of ``lr_grid`` with the best dev score per recipe (seed of the first run); in tune.json."""
+    grid = study.lr_grid or []
+    jobs = [
+        make_job(study, r, study.seeds[0], [f"train.lr={lr}"], "tune", "dev")
+        for r in study.recipes
+        for lr in grid
+    ]
+    results = run_jobs(jobs, study.jobs)
+    chosen: dict[str, float] = {}
+    for recipe in study.recipes:
+        mine = [r for r in results if r["recipe"] == recipe_name(recipe)]
+        best = max(mine, key=lambda r: macro_primary(r["scores"]))
+        chosen[recipe] = best["lr"]
+    record = {recipe_name(k): {"lr": v, "grid": grid, "split": "dev"} for k, v in chosen.items()}
+    atomic.write_json(
+        study.out / "tune.json", {"chosen": record, "runs": [_without_items(r) for r in results]}
+    )
+    return chosen
+
+
+def macro_primary(scores: dict[str, dict[str, Any]]) -> float:
+    """The mean over tasks of each task's primary metric."""
+    return sum(s[s["primary"]] for s in scores.values()) / len(scores)
+
+
+def trainable_parameters(run_dir: RunDir) -> int:
+    """Adapter parameters trained in the run (LoRA-ST: summed over the tasks' adapters)."""
+    files = [p for p in run_dir.root.rglob("adapter.safetensors") if "checkpoints" not in p.parts]
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as fh:
+            total += sum(int(torch.Size(fh.get_slice(k).get_shape()).numel()) for k in fh.keys())
+    return total
+
+
+def summed_counters(run_dir: RunDir) -> dict[str, float]:
+    """Optimizer steps, samples, tokens and wall time (LoRA-ST: summed over the tasks' runs)."""
+    paths = (
+        [run_dir.counters]
+        if run_dir.counters.is_file()
+        else sorted(run_dir.tasks_root.glob("*/counters.json"))
+    )
+    keys = ("optimizer_steps", "samples", "tokens", "wall_time_s")
+    totals = dict.fromkeys(keys, 0.0)
+    for path in paths:
+        data = json.loads(path.read_text())
+        for key in keys:
+            totals[key] += data.get(key, 0)
+    return totals
+
+
+def loss_curve(run_dir: RunDir) -> list[list[float]]:
+    """[step, loss] of the run's logged steps (LoRA-ST: the first task's)."""
+    paths = (
+        [run_dir.metrics]
+        if run_dir.metrics.is_file()
+        else sorted(run_dir.tasks_root.glob("*/metrics.jsonl"))[:1]
+    )
+    curve = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "event" not in record and isinstance(record.get("loss"), (int, float)):
+                curve.append([record["step"], record["loss"]])
+    return curve
+
+
+def _without_items(result: dict[str, Any]) -> dict[str, Any]:
+    scores = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["scores"].items()}
+    return {**result, "scores": scores}
+
+
+def study_record(study: Study) -> dict[str, Any]:
+    record = asdict(study)
+    record["out"] = str(study.out)
+    return record
