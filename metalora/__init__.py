@@ -16,6 +16,8 @@ _PUBLIC: dict[str, str] = {
     "LoRAConfig": "metalora.adapters",
     "MTLLoRAConfig": "metalora.adapters",
     "HydraLoRAConfig": "metalora.adapters",
+    "RLoRAConfig": "metalora.adapters",
+    "FullFinetuneConfig": "metalora.adapters",
     "MultiLoRAConfig": "metalora.adapters",
     "MoELoRAConfig": "metalora.adapters",
     "add_adapter": "metalora.adapters",

@@ -3,6 +3,8 @@
 The model is adapted in place and stays the user's Hugging Face class (no wrapper), so ``generate``,
 gradient checkpointing and ``save_pretrained`` behave as usual. Everything but the adapter is frozen.
 Adapter tensors are the parameters whose name has a ``lora_`` component, for PEFT's layers and ours.
+Full fine-tuning (``FullFinetuneConfig``, type ``none``) injects nothing: every parameter trains, and
+``adapter_parameters`` is every trainable parameter.
 """
 
 from __future__ import annotations
@@ -14,20 +16,27 @@ import torch
 from torch import nn
 
 from metalora.adapters.base import AdapterConfig, AdapterConfigError, AdapterLayer
+from metalora.adapters.full_finetune import FullFinetuneConfig, prepare_full_finetune, trainable_parameters
 from metalora.adapters.hydra_lora import HydraLoRAConfig, HydraLoRALayer
 from metalora.adapters.lora import LoRAConfig, bottleneck_modules, inject_peft_lora, is_peft_lora_layer
 from metalora.adapters.moelora import MoELoRAConfig, MoELoRALayer
 from metalora.adapters.mtl_lora import MTLLoRAConfig, MTLLoRALayer
 from metalora.adapters.multilora import MultiLoRAConfig, MultiLoRALayer
+from metalora.adapters.r_lora import RLoRAConfig, RLoRALayer
 from metalora.adapters.routing import TaskRouter, find_router
 from metalora.adapters.targets import resolve_targets
 
-ADAPTER_TYPES: dict[str, tuple[type[AdapterConfig], type[AdapterLayer] | None]] = {
+MethodConfig = AdapterConfig | FullFinetuneConfig
+"""A method's config: an adapter's, or full fine-tuning's."""
+
+ADAPTER_TYPES: dict[str, tuple[type[MethodConfig], type[AdapterLayer] | None]] = {
     "lora": (LoRAConfig, None),  # PEFT's layers
     "mtl_lora": (MTLLoRAConfig, MTLLoRALayer),
     "hydra_lora": (HydraLoRAConfig, HydraLoRALayer),
+    "r_lora": (RLoRAConfig, RLoRALayer),
     "multilora": (MultiLoRAConfig, MultiLoRALayer),
     "moelora": (MoELoRAConfig, MoELoRALayer),
+    "none": (FullFinetuneConfig, None),  # full fine-tuning: nothing injected
 }
 
 
@@ -35,17 +44,17 @@ ADAPTER_TYPES: dict[str, tuple[type[AdapterConfig], type[AdapterLayer] | None]] 
 class AdapterInfo:
     """What ``add_adapter`` did: kept on the model as ``model._metalora_adapter``."""
 
-    config: AdapterConfig
+    config: MethodConfig
     targets: list[str] = field(default_factory=list)
 
 
-def config_from_dict(adapter_type: str, data: dict[str, Any]) -> AdapterConfig:
+def config_from_dict(adapter_type: str, data: dict[str, Any]) -> MethodConfig:
     if adapter_type not in ADAPTER_TYPES:
         raise AdapterConfigError(f"unknown adapter type {adapter_type!r}; known: {sorted(ADAPTER_TYPES)}")
     return ADAPTER_TYPES[adapter_type][0].from_dict(data)
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, seed: int | None = None) -> nn.Module:
+def add_adapter(model: nn.Module, config: MethodConfig, seed: int | None = None) -> nn.Module:
     """Wrap the config's target modules with the adapter, freeze everything else, return ``model``.
 
     ``seed``: draw the adapter's random initial tensors (LoRA A, MTL-LoRA's task logits, routers) from
@@ -53,7 +62,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, seed: int | None = None
     process and the caller's global RNG is left as it was. ``None`` draws from torch's global generator,
     as PEFT does; torch seeds that generator randomly in every new process.
     """
-    if not isinstance(config, AdapterConfig) or config.adapter_type not in ADAPTER_TYPES:
+    if not isinstance(config, MethodConfig) or config.adapter_type not in ADAPTER_TYPES:
         raise AdapterConfigError(f"expected one of metalora's adapter configs, got {type(config).__name__}")
     if adapter_info(model) is not None:
         raise AdapterConfigError("this model already has a metalora adapter; load a fresh base model")
@@ -70,7 +79,11 @@ def _cuda_devices(model: nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
-def _inject(model: nn.Module, config: AdapterConfig) -> None:
+def _inject(model: nn.Module, config: MethodConfig) -> None:
+    if isinstance(config, FullFinetuneConfig):
+        prepare_full_finetune(model)
+        model._metalora_adapter = AdapterInfo(config=config)
+        return
     targets = resolve_targets(model, config.target_modules)
     model.requires_grad_(False)
     if isinstance(config, LoRAConfig):
@@ -115,9 +128,16 @@ def require_adapter(model: nn.Module) -> AdapterInfo:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's trainable tensors by name: what an algorithm steps, snapshots and restores."""
-    require_adapter(model)
+    """The adapter's trainable tensors by name: what an algorithm steps, snapshots and restores (full
+    fine-tuning: every trainable parameter of the model, a tied tensor once)."""
+    if is_full_finetune(model):
+        return trainable_parameters(model)
     return {name: p for name, p in model.named_parameters() if _is_adapter_param(name)}
+
+
+def is_full_finetune(model: nn.Module) -> bool:
+    """Whether the model is set up for full fine-tuning (``adapter: {type: none}``)."""
+    return isinstance(require_adapter(model).config, FullFinetuneConfig)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:

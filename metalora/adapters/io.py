@@ -3,7 +3,8 @@
 The JSON records the adapter type and config, the base model (name, type and the shape facts that must
 match), the resolved target modules with their (in, out) features, the task names and the versions.
 Loading checks all of that against the new base before touching it, so an incompatible base is a clear
-error listing what does not match. No pickle: tensors are safetensors, the rest JSON.
+error listing what does not match. No pickle: tensors are safetensors, the rest JSON. For full
+fine-tuning (type ``none``) the tensors are the whole model's trainable weights and there are no targets.
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     record = read_adapter_record(directory)
     check_compatible(model, record, source=str(directory))
     config_dict = dict(record["config"])
-    config_dict["target_modules"] = list(record["targets"])  # the resolved names, exactly
+    if "target_modules" in config_dict:  # full fine-tuning has no targets
+        config_dict["target_modules"] = list(record["targets"])  # the resolved names, exactly
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterLoadError(f"{weights_path} not found")

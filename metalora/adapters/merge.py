@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from metalora import atomic
-from metalora.adapters.api import adapter_layers, require_adapter, resolve_task
+from metalora.adapters.api import adapter_layers, is_full_finetune, require_adapter, resolve_task
 from metalora.adapters.base import AdapterLayer, NotMergeableError
 from metalora.adapters.io import base_model_name
 from metalora.adapters.lora import LoRAConfig
@@ -78,6 +78,11 @@ def export_peft(model: nn.Module, directory: str | Path, task: int | str | None 
     ``task``, where the adapter has per-task parts).
     """
     info = require_adapter(model)
+    if is_full_finetune(model):
+        raise NotMergeableError(
+            "a fully fine-tuned model has no low-rank adapter to write as PEFT LoRA: export the whole model "
+            "(metalora export RUN --merge DIR, or model.save_pretrained)"
+        )
     directory = Path(directory)
     layers = adapter_layers(model)
     conv = {

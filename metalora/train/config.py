@@ -32,6 +32,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from metalora.adapters.api import ADAPTER_TYPES, config_from_dict
+from metalora.adapters.full_finetune import FULL_FINETUNE_TYPE
 from metalora.adapters.targets import DEFAULT_ATTENTION_TARGETS
 from metalora.data import TaskSpec
 from metalora.train.engine import EngineConfig
@@ -125,6 +126,11 @@ class RunConfig:
         if kind not in ADAPTER_TYPES:
             raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
         if self.algorithm == "reweight":
+            if kind == FULL_FINETUNE_TYPE:
+                raise RunConfigError(
+                    "algorithm=reweight scores samples by the adapter's rank-r bottleneck statistics, which "
+                    "full fine-tuning (adapter.type=none) does not have: use lora_mt, lora_st or meta"
+                )
             if not self.data.val_task:
                 raise RunConfigError(
                     "algorithm=reweight needs data.val_task: the trusted validation task or file"
@@ -327,6 +333,9 @@ def _adapter_section(given: Any, data: DataConfig) -> dict[str, Any]:
     kind = adapter.get("type", "lora")
     if kind not in ADAPTER_TYPES:
         raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+    # the default section's LoRA fields apply to the types that have them (not to full fine-tuning)
+    own = {f.name for f in fields(ADAPTER_TYPES[kind][0])} | set(given or {}) | {"type"}
+    adapter = {k: v for k, v in adapter.items() if k in own}
     routed = ADAPTER_TYPES[kind][0].task_routed
     if routed and adapter.get("task_names") is None and adapter.get("num_tasks") is None:
         adapter["task_names"] = data.task_names
