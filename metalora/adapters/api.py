@@ -49,7 +49,7 @@ class AdapterInfo:
 
 
 def config_from_dict(adapter_type: str, data: dict[str, Any]) -> MethodConfig:
-    if adapter_type not in ADAPTER_TYPES:
+    if not isinstance(adapter_type, str) or adapter_type not in ADAPTER_TYPES:
         raise AdapterConfigError(f"unknown adapter type {adapter_type!r}; known: {sorted(ADAPTER_TYPES)}")
     return ADAPTER_TYPES[adapter_type][0].from_dict(data)
 

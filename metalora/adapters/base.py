@@ -46,11 +46,20 @@ class AdapterConfig:
     task_routed: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check(self, "r", isinstance(self.r, int) and self.r > 0, "a positive integer")
-        _check(self, "alpha", isinstance(self.alpha, (int, float)) and self.alpha > 0, "a positive number")
-        _check(self, "dropout", 0.0 <= float(self.dropout) < 1.0, "a probability in [0, 1)")
+        _check(self, "r", positive_int(self.r), "a positive integer")
+        _check(self, "alpha", positive_number(self.alpha), "a positive number")
+        _check(
+            self, "dropout", is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"
+        )
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        targets = self.target_modules
+        _check(
+            self,
+            "target_modules",
+            targets is None or isinstance(targets, str) or _strings(targets),
+            "a module name, a regex, 'all-linear', a list of names, or null",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +86,7 @@ class TaskRoutedConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self, "task_names", self.task_names is None or _strings(self.task_names), "a list of names")
         if self.task_names is not None:
             self.task_names = list(self.task_names)
             if len(set(self.task_names)) != len(self.task_names):
@@ -90,9 +100,26 @@ class TaskRoutedConfig(AdapterConfig):
         _check(
             self,
             "num_tasks",
-            isinstance(self.num_tasks, int) and self.num_tasks > 0,
+            positive_int(self.num_tasks),
             "a positive integer (or give task_names)",
         )
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool: YAML's ``true`` is not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_number(value: Any) -> bool:
+    return is_number(value) and value > 0
+
+
+def positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
 
 
 def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:

@@ -23,6 +23,7 @@ from metalora.adapters.base import (
     as_sequence,
     kaiming_uniform_,
     mix_up_projections,
+    positive_int,
 )
 
 
@@ -37,9 +38,7 @@ class HydraLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
-            self, "num_heads", isinstance(self.num_heads, int) and self.num_heads > 0, "a positive integer"
-        )
+        _check(self, "num_heads", positive_int(self.num_heads), "a positive integer")
 
 
 class HydraLoRALayer(AdapterLayer):

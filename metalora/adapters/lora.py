@@ -15,7 +15,7 @@ from typing import ClassVar
 import peft
 from torch import nn
 
-from metalora.adapters.base import AdapterConfig
+from metalora.adapters.base import AdapterConfig, _check
 from metalora.adapters.targets import LINEAR_TYPES
 
 PEFT_ADAPTER_NAME = "default"
@@ -29,6 +29,10 @@ class LoRAConfig(AdapterConfig):
     """Weight-decomposed LoRA (DoRA)."""
 
     adapter_type: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "use_dora", isinstance(self.use_dora, bool), "true or false")
 
     def peft_config(self, target_names: list[str], fan_in_fan_out: bool) -> peft.LoraConfig:
         """The equivalent ``peft.LoraConfig`` for these resolved module names."""

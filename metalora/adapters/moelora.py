@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from metalora.adapters.base import AdapterLayer, NotMergeableError, TaskRoutedConfig, _check
+from metalora.adapters.base import AdapterLayer, NotMergeableError, TaskRoutedConfig, _check, positive_int
 
 
 @dataclass
@@ -39,13 +39,13 @@ class MoELoRAConfig(TaskRoutedConfig):
         _check(
             self,
             "num_experts",
-            isinstance(self.num_experts, int) and self.num_experts > 0 and self.r % self.num_experts == 0,
+            positive_int(self.num_experts) and self.r % self.num_experts == 0,
             f"a positive integer that divides r={self.r}",
         )
         _check(
             self,
             "task_embedding_dim",
-            isinstance(self.task_embedding_dim, int) and self.task_embedding_dim > 0,
+            positive_int(self.task_embedding_dim),
             "a positive integer",
         )
 

@@ -34,6 +34,8 @@ from metalora.adapters.base import (
     _check,
     as_sequence,
     kaiming_uniform_,
+    positive_int,
+    positive_number,
 )
 
 
@@ -52,8 +54,8 @@ class MTLLoRAConfig(TaskRoutedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "num_up", isinstance(self.num_up, int) and self.num_up > 0, "a positive integer")
-        _check(self, "temperature", float(self.temperature) > 0, "a positive number")
+        _check(self, "num_up", positive_int(self.num_up), "a positive integer")
+        _check(self, "temperature", positive_number(self.temperature), "a positive number")
         _check(self, "lambda_form", self.lambda_form in ("full", "diagonal"), "'full' or 'diagonal'")
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from metalora.adapters.base import AdapterConfig, AdapterLayer, _check, kaiming_uniform_
+from metalora.adapters.base import AdapterConfig, AdapterLayer, _check, kaiming_uniform_, positive_int
 
 
 @dataclass
@@ -33,7 +33,7 @@ class MultiLoRAConfig(AdapterConfig):
         _check(
             self,
             "num_parallel",
-            isinstance(self.num_parallel, int) and self.num_parallel > 0,
+            positive_int(self.num_parallel),
             "a positive integer",
         )
 

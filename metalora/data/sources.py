@@ -55,9 +55,10 @@ def read_text(path: str | Path) -> str:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """One JSON object per non-blank line; a malformed line raises with ``file:line``."""
+    """One JSON object per non-blank line; a malformed line raises with ``file:line``. Lines end at ``\n``
+    only (``str.splitlines`` would also cut at U+2028 and other characters JSON strings may hold)."""
     records = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

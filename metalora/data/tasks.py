@@ -29,13 +29,23 @@ from metalora.data.templates import MC_RESPONSES, SCHEMAS, record_to_example
 NATIVE_SPLIT_MAP = {"validation": "train", "dev": "dev", "test": "test"}
 
 
+MAX_TASK_NAME_BYTES = 200  # a directory name: file systems allow 255 bytes
+
+
 def check_task_name(name: Any) -> None:
     """A task name names a directory of a LoRA-ST run (``tasks/<name>/``) and a metrics key, so it must
-    be a plain name: non-empty, no path separator, not starting with a dot (which also refuses ``..``)."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+    be a plain name: non-empty, no path separator, not starting with a dot (which also refuses ``..``), no
+    control character (a NUL is not allowed in a path), at most 200 bytes of UTF-8."""
+    plain = isinstance(name, str) and name and "/" not in name and "\\" not in name and name[0] != "."
+    if not plain or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise MetaloraDataError(
             f"task name {name!r}: expected a plain name (letters, digits, '_', '-', ':' ...) with no path "
-            "separator and no leading '.'"
+            "separator, no control character and no leading '.'"
+        )
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_TASK_NAME_BYTES:
+        raise MetaloraDataError(
+            f"task name {name[:40]!r}...: {len(name.encode('utf-8', 'surrogatepass'))} bytes of UTF-8, at most "
+            f"{MAX_TASK_NAME_BYTES} (it names a directory)"
         )
 
 
@@ -197,7 +207,19 @@ def _load_file_examples(spec: TaskSpec, path: str, split_tag: str) -> list[Examp
         )
     if not out:
         raise MetaloraDataError(f"task {spec.name!r}: {path} holds no records (empty task)")
+    _check_unique_ids(out, path, spec.name)
     return out
+
+
+def _check_unique_ids(examples: list[Example], path: str, task: str) -> None:
+    """Ids key few-shot exclusion, predictions and sample weights, so two records may not share one."""
+    first: dict[str, int] = {}
+    for i, ex in enumerate(examples, start=1):
+        j = first.setdefault(ex.id, i)
+        if j != i:
+            raise MetaloraDataError(
+                f"{path} (task {task!r}): records {j} and {i} have the same id {ex.id!r}; ids must be unique"
+            )
 
 
 def load_task(spec: TaskSpec | Mapping[str, Any] | str, seed: int = 0) -> Task:
