@@ -136,14 +136,24 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def read_adapter_tensors(path: Path, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The tensors of ``path``, checked against the adapter's parameters before any is copied: the same
-    names, each of the parameter's shape and of a floating-point dtype (cast to the parameter's dtype on
-    copy, so a float64 adapter loads onto a float32 base). Any mismatch is one line naming file and tensor."""
+    """The tensors of ``path``, checked by ``check_adapter_tensors`` before any is copied; an unreadable
+    file is one line naming it."""
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AdapterLoadError(f"{path}: not a readable safetensors file ({reason})") from None
+    check_adapter_tensors(path, tensors, params)
+    return tensors
+
+
+def check_adapter_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]
+) -> None:
+    """``tensors`` (read from ``path``) against the adapter's parameters: the same names, each of the
+    parameter's shape and of a floating-point dtype (cast to the parameter's dtype on copy, so a float64
+    adapter loads onto a float32 base). Any mismatch is an ``AdapterLoadError``, one line naming the file
+    and the tensor. A training checkpoint's adapter file is checked the same way on resume."""
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing:
         raise AdapterLoadError(
@@ -167,7 +177,6 @@ def read_adapter_tensors(path: Path, params: dict[str, nn.Parameter]) -> dict[st
                 f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating-point dtype "
                 f"(the adapter's is {param.dtype})"
             )
-    return tensors
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
