@@ -153,7 +153,7 @@ def check_adapter_tensors(
     """``tensors`` (read from ``path``) against the adapter's parameters: the same names, each of the
     parameter's shape and of a floating-point dtype (cast to the parameter's dtype on copy, so a float64
     adapter loads onto a float32 base). Any mismatch is an ``AdapterLoadError``, one line naming the file
-    and the tensor. A training checkpoint's adapter file is checked the same way on resume."""
+    and the tensor."""
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing:
         raise AdapterLoadError(
