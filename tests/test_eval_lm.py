@@ -198,8 +198,11 @@ def test_continuation_is_the_tail_of_the_whole_encoding(model, tok) -> None:
     np.testing.assert_allclose(result.predictions[0].loglikelihoods, ll, atol=1e-5, rtol=0)
 
 
-def test_forward_context_routes_rows_by_task(model, tok) -> None:
-    """A task-dependent hook installed by forward_context must see rows in the order of the names given."""
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_forward_context_routes_rows_by_task(model, tok, prefix_cache) -> None:
+    """A task-dependent hook installed by forward_context must see rows in the order of the names given;
+    with the prefix cache every forward holds one task's rows (its shared prefix, an item's context, the
+    item's options), and the scores still equal the float64 reference with each task's bias."""
     items, _ = mc_items()
     torch.manual_seed(1)
     bias = {"colors": torch.randn(32) * 0.5, "geo": torch.randn(32) * 0.5}
@@ -215,11 +218,16 @@ def test_forward_context_routes_rows_by_task(model, tok) -> None:
         finally:
             hook.remove()
 
-    result = evaluate_multiple_choice(model, tok, items, batch_size=3, forward_context=route, progress=False)
+    result = evaluate_multiple_choice(
+        model, tok, items, batch_size=3, forward_context=route, progress=False, prefix_cache=prefix_cache
+    )
     n_pairs = sum(len(i.options) for i in items)
-    assert len(calls) == math.ceil(n_pairs / 3) and sum(len(c) for c in calls) == n_pairs
     assert {t for c in calls for t in c} == {"colors", "geo"}
-    assert any(len(set(c)) == 2 for c in calls)  # at least one mixed-task batch
+    if prefix_cache:
+        assert all(len(set(c)) == 1 for c in calls)  # one task per forward
+    else:
+        assert len(calls) == math.ceil(n_pairs / 3) and sum(len(c) for c in calls) == n_pairs
+        assert any(len(set(c)) == 2 for c in calls)  # at least one mixed-task batch
     model64 = copy.deepcopy(model).double()
     for item, pred in zip(items, result.predictions, strict=True):
         b = bias[item.task].double()

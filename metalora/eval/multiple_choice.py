@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metalora.eval.prefix_cache import cached_loglikelihoods
+
 __all__ = [
     "FewShotItem",
     "ForwardContext",
@@ -311,8 +313,13 @@ def evaluate_multiple_choice(
     add_bos_token: bool = False,
     max_length: int | None = None,
     progress: bool = True,
+    prefix_cache: bool = True,
 ) -> MCResult:
     """Score every option of every item by log-likelihood; see the module docstring for the definitions.
+
+    ``prefix_cache``: compute each item's context, and the context prefix all items of a task share, once
+    (``eval.prefix_cache``); the same sums as one full forward per option, to float rounding. Off, or
+    when a context and option do not fit ``max_length``, every option runs a full forward.
 
     ``fewshot_pool``: demonstrations per task (a mapping task → examples, or a flat list grouped by each
     example's ``task``), typically the task's dev split; ``num_fewshot`` of them precede each prompt
@@ -341,7 +348,16 @@ def evaluate_multiple_choice(
         spans.append((start, len(requests)))
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = loglikelihoods(model, requests, names, batch_size, forward_context, max_length, pad, progress)
+    limit = _max_length(model, max_length)
+    if prefix_cache and all(len(c) + len(x) <= limit for c, x in requests):
+        grouped = [(names[a], requests[a][0], [requests[i][1] for i in range(a, b)]) for a, b in spans]
+        scores = [
+            s for item in cached_loglikelihoods(model, grouped, forward_context, pad, progress) for s in item
+        ]
+    else:
+        scores = loglikelihoods(
+            model, requests, names, batch_size, forward_context, max_length, pad, progress
+        )
 
     predictions = [
         _prediction(item, [scores[i] for i in range(a, b)], [len(requests[i][1]) for i in range(a, b)])
