@@ -1,8 +1,10 @@
 """The ``metalora`` command: train, eval, export, select, compare, demo.
 
 The command layer: this module builds the parser; each sub-command lives in ``metalora/cli/<command>.py``
-as ``run(args)``, which calls the library. Errors the user can fix (a bad config key or value, a missing
-file) are printed as one clear line and exit with status 2.
+as ``run(args)``, which calls the library. Exit statuses: 0 done; 2 an error the user can fix in the input
+(a bad config key or value, a missing file), printed as one line; 1 a damaged checkpoint, a failed write,
+a run directory in use or another OS error, one line too; 130 / 143 stopped by SIGINT / SIGTERM after
+writing a checkpoint (the same command resumes).
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"metalora {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except (CheckpointError, RunDirInUse) as exc:  # a damaged checkpoint, a failed write, a busy directory
+        print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine's side: permissions, a full disk, a vanished file system
         print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
