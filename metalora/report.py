@@ -26,11 +26,18 @@ from metalora.rundir import RunDir  # noqa: E402
 def format_table(
     after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None = None
 ) -> str:
-    """Markdown: each task's primary metric, base vs adapted, and the difference."""
-    lines = ["| task | n | metric | base | adapted | Δ |", "|---|---|---|---|---|---|"]
+    """Markdown: each task's primary metric, base vs adapted and the difference; one score column when
+    there is no base to compare with (the target is a base model)."""
+    if before is None:
+        lines = ["| task | n | metric | score |", "|---|---|---|---|"]
+    else:
+        lines = ["| task | n | metric | base | adapted | Δ |", "|---|---|---|---|---|---|"]
     for name, stats in after.items():
         metric = stats.get("primary", "exact_match" if "exact_match" in stats else "acc")
-        b = before[name][metric] if before else float("nan")
+        if before is None:
+            lines.append(f"| {name} | {stats['n']} | {metric} | {stats[metric]:.3f} |")
+            continue
+        b = before[name][metric]
         lines.append(
             f"| {name} | {stats['n']} | {metric} | {b:.3f} | {stats[metric]:.3f} | {stats[metric] - b:+.3f} |"
         )
