@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_train_utils import PAD, adapter_state, make_features, max_abs_diff
 
 import metalora as ml
@@ -17,6 +18,7 @@ from metalora.data import collate
 from metalora.testing import randomize_adapter, tiny_model
 from metalora.train import EngineConfig, lora_grads
 from metalora.train import similarity as sim
+from metalora.train.config import RunConfig
 from metalora.train.reweight import (
     ReweightConfig,
     ReweightConfigError,
@@ -304,7 +306,9 @@ def test_weights_are_non_negative_and_sum_to_one():
         assert not result.fallback
 
 
-def test_fresh_lora_has_g_zero_and_falls_back_to_uniform_or_zero():
+def test_fresh_lora_has_g_zero_no_signal_and_takes_an_unweighted_step():
+    """u ≡ 0 (B = 0): the default is one unweighted step (w = 1/B), recorded as ``no_signal``; with
+    ``no_signal="fallback"`` Eq. 8 is read literally (``zero``: w = 0 and a step; ``skip``: no step)."""
     model = ml.add_adapter(
         tiny_model("gpt2", dtype=torch.float64), ml.LoRAConfig(r=4, target_modules=GPT2_TARGETS)
     )
@@ -312,15 +316,19 @@ def test_fresh_lora_has_g_zero_and_falls_back_to_uniform_or_zero():
     result, grads = run_step(model, train, val, ReweightConfig())  # B = 0 ⇒ g = ∂ℓ/∂z = Bᵀ ∂ℓ/∂h = 0
     assert torch.equal(result.scores, torch.zeros(4, dtype=torch.float64))
     assert result.fallback and torch.equal(result.weights, torch.full((4,), 0.25, dtype=torch.float64))
-    assert result.metrics["weight_fallback"] == 1.0
+    assert (result.case, result.skip) == ("no_signal", False)
+    assert result.metrics["weight_fallback"] == 1.0 and result.metrics["weight_skipped"] == 0.0
     assert any(float(g.abs().max()) > 0 for g in grads.values())  # A's gradient is 0 but B's is not
-    zero, grads0 = run_step(model, train, val, ReweightConfig.from_dict({"weights": {"fallback": "zero"}}))
-    assert zero.fallback and torch.equal(zero.weights, torch.zeros(4, dtype=torch.float64))
-    assert all(float(g.abs().max()) == 0 for g in grads0.values())
+    for fallback, skip in (("zero", False), ("skip", True)):
+        config = ReweightConfig.from_dict({"weights": {"fallback": fallback, "no_signal": "fallback"}})
+        zero, grads0 = run_step(model, train, val, config)
+        assert zero.fallback and torch.equal(zero.weights, torch.zeros(4, dtype=torch.float64))
+        assert (zero.case, zero.skip) == ("no_signal", skip)
+        assert all(float(g.abs().max()) == 0 for g in grads0.values())
     dense, _ = run_step(
         model, train, val, ReweightConfig.from_dict({"stats": {"similarity": "dense"}})
     )  # D sees ∂ℓ/∂h ≠ 0 at once
-    assert not dense.fallback
+    assert not dense.fallback and dense.case == "eq8"
 
 
 def test_all_masked_samples_get_weight_zero_and_no_nan():
@@ -355,8 +363,19 @@ def test_clipped_weights_by_hand():
     valid = torch.tensor([True, True, False, True])
     m = sim.clipped_weights(u, valid=valid)
     assert torch.allclose(m.w, torch.tensor([1.0, 0, 0, 0], dtype=torch.float64))
-    f = sim.clipped_weights(-u.abs(), valid=valid)
+    f = sim.clipped_weights(-u.abs(), valid=valid, fallback="uniform")  # all against: our uniform option
     assert f.fallback and torch.allclose(f.w, torch.tensor([1, 1, 0, 1], dtype=torch.float64) / 3)
+    assert (f.case, f.skip) == ("all_against", False)
+    k = sim.clipped_weights(-u.abs(), valid=valid)  # the paper's Eq. 8 (default): w = 0, step skipped
+    assert torch.equal(k.w, torch.zeros(4, dtype=torch.float64)) and (k.case, k.skip) == ("all_against", True)
+    z = sim.clipped_weights(-u.abs(), valid=valid, fallback="zero")
+    assert torch.equal(z.w, torch.zeros(4, dtype=torch.float64)) and (z.case, z.skip) == (
+        "all_against",
+        False,
+    )
+    n = sim.clipped_weights(torch.zeros(4, dtype=torch.float64), valid=valid)  # no signal: unweighted
+    assert torch.equal(n.w, torch.tensor([1, 1, 0, 1], dtype=torch.float64) / 3) and n.case == "no_signal"
+    assert not n.skip
 
 
 def test_weight_statistics_by_hand():
@@ -414,7 +433,12 @@ def test_train_reweight_end_to_end_writes_weights_metrics_and_plot(tmp_path):
         tmp_path,
         PAD,
     )
-    assert counters.optimizer_steps == 4 + 2  # + validation-loss steps at steps 0 and 2
+    records = [json.loads(line) for line in (tmp_path / "weights.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r["skipped"]]
+    # Eq. 8 (default fallback "skip"): a batch whose u are all ≤ 0 takes no optimizer step
+    assert all(r["case"] == "all_against" and max(r["u"]) <= 0 < -min(r["u"]) for r in skipped)
+    assert all(sum(r["weights"]) == 0 for r in skipped)
+    assert counters.optimizer_steps == 4 + 2 - len(skipped)  # + validation-loss steps at steps 0 and 2
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(adapter_parameters(model))
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -423,11 +447,11 @@ def test_train_reweight_end_to_end_writes_weights_metrics_and_plot(tmp_path):
         {"weight_entropy", "weight_ess", "weight_frac_zero", "val_loss"} <= m.keys() for m in steps
     )
     assert steps[0]["weight_ess"] == pytest.approx(4.0)  # the unweighted first step
-    records = [json.loads(line) for line in (tmp_path / "weights.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[0]["case"] == "unweighted"
     assert all(
         set(r["sample_ids"]) <= {f["sample_id"] for f in train} and sum(r["weights"]) == pytest.approx(1.0)
         for r in records
+        if not r["skipped"]
     )
     assert (tmp_path / "weights_hist.png").stat().st_size > 1000
     assert len((tmp_path / "sample_weights.jsonl").read_text().splitlines()) == len(
@@ -439,9 +463,10 @@ def test_train_reweight_end_to_end_writes_weights_metrics_and_plot(tmp_path):
 def test_config_is_validated():
     with pytest.raises(ReweightConfigError, match=r"reweight\.stats\.similarity"):
         ReweightConfig.from_dict({"stats": {"similarity": "cosine"}})
-    assert ReweightConfig(batch_size=50, val_ratio=50).effective_val_batch_size == 1
-    assert ReweightConfig(batch_size=8).effective_val_batch_size == 1
-    assert ReweightConfig(batch_size=20, val_ratio=5).effective_val_batch_size == 4
+    # the ratio sizes the validation *set* (reweight_data); the per-step batch is the training batch
+    assert ReweightConfig(batch_size=50, val_ratio=50).effective_val_batch_size == 50
+    assert ReweightConfig(batch_size=8).effective_val_batch_size == 8
+    assert ReweightConfig(batch_size=20, val_ratio=5, val_batch_size=4).effective_val_batch_size == 4
 
 
 def test_adapter_state_untouched_by_scoring_alone():
@@ -452,11 +477,43 @@ def test_adapter_state_untouched_by_scoring_alone():
     assert max_abs_diff(state, adapter_state(model)) == 0
 
 
-def test_shipped_config_section_builds_the_config():
-    import yaml
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    path = Path(__file__).resolve().parent.parent / "configs" / "reweight.yaml"
-    recipe = yaml.safe_load(path.read_text())
-    assert recipe["algorithm"] == "reweight"
-    # every field given (flat keys, the old form, until the recipe moves to the nested one), all at the defaults
-    assert ReweightConfig.from_dict(recipe["reweight"]) == ReweightConfig()
+
+def test_shipped_recipe_is_the_papers_section_4_1_setup():
+    """Oracle: the paper's §4.1 values typed out here; the CPU recipe differs only where it says so."""
+    paper = RunConfig.from_yaml(CONFIGS / "reweight.yaml")
+    assert paper.algorithm == "reweight"
+    assert (paper.adapter["r"], paper.adapter["target_modules"]) == (32, PAPER_TARGETS)
+    t = paper.train
+    assert (t.lr, t.schedule, t.warmup_steps, t.betas, t.precision) == (
+        5e-4,
+        "cosine",
+        0,
+        (0.9, 0.95),
+        "bf16",
+    )
+    assert (paper.reweight.batch_size, paper.data.max_length, paper.reweight.val_ratio) == (4, 400, 10)
+    # the reweighting options are at their defaults (the paper's), but for the batch
+    assert paper.reweight == ReweightConfig(batch_size=4)
+    cpu = RunConfig.from_yaml(CONFIGS / "reweight_cpu.yaml")
+    differ = {
+        ("data", "examples_per_task"),
+        ("data", "max_length"),
+        ("train", "max_steps"),
+        ("train", "precision"),
+        ("train", "device"),
+        ("train", "checkpoint_every"),
+        ("name", None),
+    }
+    a, b = paper.to_dict(), cpu.to_dict()
+    got = {
+        (k, sub)
+        for k in a
+        for sub in (a[k] if isinstance(a[k], dict) else [None])
+        if (a[k] if sub is None else a[k][sub]) != (b[k] if sub is None else b[k][sub])
+    }
+    assert got == differ
+    assert (cpu.train.precision, cpu.train.device) == ("fp32", "cpu")
+    assert yaml.safe_load((CONFIGS / "reweight_cpu.yaml").read_text())["name"] == "reweight_cpu"

@@ -77,7 +77,7 @@ def test_round_trip_keeps_every_non_default_value():
                 "shared": "remove",
                 "score": "layer_cosine",
             },
-            "weights": {"negative": "shift", "fallback": "zero", "delta": 1e-12},
+            "weights": {"negative": "shift", "fallback": "zero", "no_signal": "fallback", "delta": 1e-12},
             "published_code": {"unweighted_first_step": True, "val_step_every": 10, "val_refresh_every": 10},
         }
     )

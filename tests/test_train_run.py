@@ -142,14 +142,17 @@ def test_few_shot_protocol_sets_the_epochs(tmp_path):
 def test_reweight_recipe_runs_end_to_end(tmp_path):
     recipe = _recipe(tmp_path, "lora_mt")
     recipe.pop("multitask")
-    recipe.update(algorithm="reweight", reweight={"batch_size": 10, "val_ratio": 5})
+    recipe.update(algorithm="reweight", reweight={"batch_size": 10, "val_ratio": 10})
     recipe["data"]["val_task"] = recipe["data"]["tasks"][1]
     run_dir = run(recipe)
     counters = json.loads((run_dir / "counters.json").read_text())
-    # every forward/backward counts: 10 training + 10/5 validation samples per step
-    assert (counters["optimizer_steps"], counters["samples"]) == (3, 3 * (10 + 2))
+    weights = [json.loads(line) for line in (run_dir / "weights.jsonl").read_text().splitlines()]
+    assert [(r["case"], r["skipped"]) for r in weights] == [("no_signal", False)] + [("eq8", False)] * 2
+    # every forward/backward counts: 10 training + min(10, M) validation samples per step, where the
+    # validation set holds M = N / val_ratio = 60 / 10 = 6 examples
+    assert (counters["optimizer_steps"], counters["samples"]) == (3, 3 * (10 + 6))
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["reweight"]["val_ratio"] == 5 and resolved["data"]["val_task"]["name"] == "task1"
+    assert resolved["reweight"]["val_ratio"] == 10 and resolved["data"]["val_task"]["name"] == "task1"
     assert (run_dir / "adapter" / "adapter.safetensors").is_file()
     with pytest.raises(RunConfigError, match="needs data.val_task"):
         resolve_config({**recipe, "data": {**recipe["data"], "val_task": None}})

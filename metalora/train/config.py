@@ -70,9 +70,10 @@ class DataConfig:
     val_task: Any = None
     """Reweighting: the trusted validation set (a task name, spec dict or file)."""
     val_split: str = "dev"
-    """Reweighting: the split of ``val_task`` to score against."""
+    """Reweighting: the split of ``val_task`` the validation set is drawn from (never ``test``)."""
     val_examples: int | None = None
-    """Reweighting: at most this many validation examples (None: the whole split)."""
+    """Reweighting: the validation set's size M, overriding ``reweight.val_ratio`` (None: M = N // val_ratio
+    for a training pool of N; ``metalora.train.reweight_data``)."""
 
     def __post_init__(self) -> None:
         if not self.tasks:

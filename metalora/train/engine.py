@@ -134,6 +134,9 @@ class StepOutput:
     """Non-padding input tokens of those passes."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Extra values for ``metrics.jsonl``."""
+    skip_update: bool = False
+    """Take no AdamW step for this batch (reweighting: Eq. 8 gave w = 0): θ and the optimizer state stay
+    as they are and no optimizer step is counted; the LR schedule still advances (it follows the step)."""
 
 
 class Stateful(Protocol):
@@ -357,12 +360,15 @@ class Engine:
         raise RunInterrupted(signum, done, path)
 
     def outer_step(self, out: StepOutput, step: int) -> float:
-        """After ``step_fn``: guard, clip, AdamW step, LR schedule, counters; returns the gradient norm."""
+        """After ``step_fn``: guard, clip, AdamW step (none if ``out.skip_update``), LR schedule, counters;
+        returns the gradient norm."""
         grad_norm = self._guarded_grad_norm(out, step)
-        self.optimizer.step()
+        if not out.skip_update:
+            self.optimizer.step()
         self.scheduler.step()
         self.zero_grad()
         self.counters.update(out.samples, out.tokens)
+        self.counters.optimizer_steps -= int(out.skip_update)  # a skipped update is no optimizer step
         return grad_norm
 
     def _guarded_grad_norm(self, out: StepOutput, step: int) -> float:

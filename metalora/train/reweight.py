@@ -1,14 +1,17 @@
 """META-LoRA sample reweighting: weight each training sample by how well its gradient agrees with a small
 validation batch, estimated from rank-r activations and gradients at the LoRA bottlenecks.
 
-One step (one AdamW step), for a global training batch T and a validation batch V (|T|:|V| = ``val_ratio``,
-10:1 by default), with ℓ_i a sample's mean next-token loss over its response tokens:
+One step (one AdamW step), for a global training batch T and a validation batch V of ``val_batch_size``
+samples (default |T|, as in the published code) drawn from the run's validation set (M = N / ``val_ratio``
+examples for a pool of N, 10:1 by default: ``reweight_data``), with ℓ_i a sample's mean next-token loss
+over its response tokens:
 
     1. validation pass: forward V, backward Σ_v ℓ_v; record ā_v, ĝ_v at every site    (lora_grads.py)
     2. training pass:   forward T, backward Σ_i ℓ_i (unweighted); record ā_i, ĝ_i
     3. u_i = Σ_l (1/|V|) Σ_v (ā_i·ā_v)(ĝ_i·ĝ_v)
-       w_i = max(u_i, 0) / (Σ_j max(u_j, 0) + δ)           (over the *global* batch, all ranks)
-    4. ∇_θ Σ_i w_i ℓ_i with w held constant, into ``.grad``; the engine takes the AdamW step.
+       w_i = max(u_i, 0) / (Σ_j max(u_j, 0) + δ)           (Eq. 8, over the *global* batch, all ranks)
+    4. ∇_θ Σ_i w_i ℓ_i with w held constant, into ``.grad``; the engine takes the AdamW step — unless
+       Eq. 8 gave w = 0 with ``weights.fallback="skip"`` (``StepOutput.skip_update``: no AdamW step).
 
 Step 4 is where the schemes differ (``scheme``):
 
@@ -31,7 +34,9 @@ objects of ``reweight_strategies.py``):
 | negative u | clipped to 0 | ``weights.negative="shift"``: u − 2·min(u) when min(u) < 0 |
 | score scale | u as defined | (neither) ``direction.score="cosine"``: u_i / ‖∇ℓ_i‖; ``"layer_cosine"``: Σ_l of per-site cosines; our options |
 | validation direction | ∇ of the mean validation loss | (neither) ``direction.balance="answer"``, ``direction.shared="remove"``: our options (``val_direction``) |
-| first step | weighted; Σ max(u,0) ≤ δ (B = 0 ⇒ g = 0) falls back to uniform w, recorded | ``published_code.unweighted_first_step`` |
+| no signal: u ≡ 0 (B = 0 ⇒ g = 0 at step 0) | Eq. 8 gives w = 0, so B never moves (``weights.no_signal="fallback"``) | step 0 unweighted (``published_code.unweighted_first_step``); ours, default: ``weights.no_signal="unweighted"``, one unweighted step whenever u ≡ 0, recorded |
+| signal, all against: every u ≤ 0, some < 0 | w = 0, the batch's optimizer step skipped (default ``weights.fallback="skip"``), recorded | cannot happen (the shift makes u positive); ours: ``weights.fallback="uniform"`` (w = 1/B) |
+| validation set | M = N/10 examples (a dataset ratio, ``val_ratio``) | a validation batch as large as the training batch (``val_batch_size`` default) |
 | validation loss | only scores samples | ``published_code.val_step_every=N``: an AdamW step on the validation loss every N steps |
 | validation statistics | per validation sample, then the mean of the products | ``direction.aggregation="mean"``: means first, then one product |
 | validation refresh | every step | ``published_code.val_refresh_every=10`` (stats reused in between) |
@@ -46,7 +51,8 @@ gathered from all ranks, u is gathered so every rank normalises w over the globa
 per-rank Σ w_i ∇ℓ_i are summed — the update equals the single-process one. Gradient checkpointing is
 not supported (the hooks would fire again in the recompute).
 
-Run outputs besides the engine's: ``weights.jsonl`` (per step: sample ids, u, w, ℓ), at the end
+Run outputs besides the engine's: ``weights.jsonl`` (per step: sample ids, u, w, ℓ, ``case`` — ``eq8``,
+``no_signal``, ``all_against`` or ``unweighted`` — and ``skipped``), at the end
 ``sample_weights.jsonl`` (each sample's mean B·w over the steps it was drawn) and ``weights_hist.png``.
 """
 
@@ -138,6 +144,10 @@ class ReweightResult:
     shifted: bool
     scheme: str
     metrics: dict[str, float] = field(default_factory=dict)
+    case: str = "eq8"
+    """``similarity.Weights.case``: ``eq8``, ``no_signal``, ``all_against`` or ``unweighted``."""
+    skip: bool = False
+    """Eq. 8 gave w = 0 with ``weights.fallback="skip"``: the batch's optimizer step is to be skipped."""
 
 
 class Reweighting:
@@ -217,6 +227,7 @@ class Reweighting:
         metrics = {
             **weight_statistics(w.w),
             "weight_fallback": float(w.fallback),
+            "weight_skipped": float(w.skip),
             "u_mean": float(u.mean()),
             "u_frac_negative": float((u < 0).double().mean()),
             "loss_unweighted": float(losses[valid].mean()) if bool(valid.any()) else 0.0,
@@ -231,6 +242,8 @@ class Reweighting:
             shifted=w.shifted,
             scheme=self.scheme,
             metrics=metrics,
+            case=w.case,
+            skip=w.skip,
         )
 
 
@@ -275,13 +288,14 @@ def reweighted_gradient(
 
 
 class ReweightBatches:
-    """Training and validation batch orders (seeded epochs, identical on every rank), checkpointed together."""
+    """Training and validation batch orders (seeded epochs, identical on every rank), checkpointed together.
+    A validation batch holds ``val_batch_size`` samples (default: the training batch), at most the whole set."""
 
     def __init__(self, train: Sequence[Feature], val: Sequence[Feature], config: ReweightConfig) -> None:
         if not val:
             raise ReweightConfigError("reweighting needs validation features (any task or file)")
         self.train = EpochBatches(train, config.batch_size, config.seed)
-        self.val = EpochBatches(val, config.effective_val_batch_size, config.seed + 1)
+        self.val = EpochBatches(val, min(config.effective_val_batch_size, len(val)), config.seed + 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"train": self.train.state_dict(), "val": self.val.state_dict()}
@@ -302,9 +316,7 @@ class Reweighter:
         self.published: PublishedCodeConfig = config.published_code
         self.reweighting = Reweighting(engine.model, config)
         self.val: ValidationStats | None = None
-        self.weights_log = MetricsLogger(
-            engine.run.weights, enabled=engine.is_main and config.log_weights
-        )
+        self.weights_log = MetricsLogger(engine.run.weights, enabled=engine.is_main and config.log_weights)
         self._first = True
 
     def context(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
@@ -343,6 +355,7 @@ class Reweighter:
             samples=samples + len(train),
             tokens=tokens + count_tokens(train),
             metrics=metrics,
+            skip_update=result.skip,
         )
 
     def _refresh_validation(self) -> list[Feature]:
@@ -374,6 +387,8 @@ class Reweighter:
                 "u": [float(x) for x in result.scores],
                 "loss": [round(float(x), 6) for x in result.losses],
                 "fallback": result.fallback,
+                "case": result.case,
+                "skipped": result.skip,
             }
         )
 

@@ -5,7 +5,7 @@
       scheme: auto             seed: 0              log_weights: true
       stats:          {similarity: low_rank, modules: all, positions: response}
       direction:      {aggregation: per_sample, balance: none, shared: keep, score: dot}
-      weights:        {negative: clip, fallback: uniform, delta: 1.0e-30}
+      weights:        {negative: clip, fallback: skip, no_signal: unweighted, delta: 1.0e-30}
       published_code: {unweighted_first_step: false, val_step_every: 0, val_refresh_every: 1}
 
 ``stats`` says what is captured per sample (ā, ĝ), ``direction`` what a sample is scored against and how,
@@ -126,12 +126,19 @@ class WeightsConfig:
 
     negative: str = "clip"
     """``clip`` max(u, 0) (paper) or ``shift`` u − 2·min(u) when min(u) < 0 (published code)."""
-    fallback: str = "uniform"
-    """When Σ max(u,0) ≤ δ: ``uniform`` w = 1/B over samples with a loss, or ``zero`` (a zero gradient; the
-    published code skips the step instead — with AdamW a zero gradient still moves θ by its momentum)."""
+    fallback: str = "skip"
+    """Signal, all against (Σ max(u,0) ≤ δ with u ≢ 0: every u ≤ 0, some < 0): ``skip`` (the paper's Eq. 8:
+    w = 0 and the batch's optimizer step is skipped, so θ and the AdamW state do not move), ``uniform``
+    (our option: w = 1/B over samples with a loss) or ``zero`` (w = 0 and the AdamW step is taken: its
+    momentum still moves θ; the former option, kept for comparison). Recorded in ``weights.jsonl``."""
+    no_signal: str = "unweighted"
+    """No signal (u ≡ 0 because g ≡ 0, as at the first step where B = 0): ``unweighted`` (one plain step
+    with w = 1/B, as the published code does at step 0; recorded) or ``fallback`` (as ``fallback`` says:
+    Eq. 8 read literally, under which a low-rank score never moves B from 0)."""
     delta: float = 1e-30
-    """δ of w = max(u,0)/(Σ max(u,0) + δ). It only guards 0/0: u's scale changes by orders of magnitude
-    (B starts at 0), so a larger absolute δ would silently shrink the step; Σ ≤ δ triggers ``fallback``."""
+    """δ of w = max(u,0)/(Σ max(u,0) + δ). The paper's δ(a) is 1 at a = 0 and 0 elsewhere (it only guards
+    0/0); here Σ ≤ δ counts as a zero sum. u's scale changes by orders of magnitude (B starts at 0), so a
+    larger absolute δ would silently shrink the step."""
 
     def __post_init__(self) -> None:
         _check(
@@ -139,6 +146,7 @@ class WeightsConfig:
             [
                 ("negative", self.negative in sim.NEGATIVES, f"one of {sim.NEGATIVES}"),
                 ("fallback", self.fallback in sim.FALLBACKS, f"one of {sim.FALLBACKS}"),
+                ("no_signal", self.no_signal in sim.NO_SIGNAL, f"one of {sim.NO_SIGNAL}"),
                 ("delta", isinstance(self.delta, int | float) and self.delta >= 0, "a non-negative number"),
             ],
             self,
@@ -199,13 +207,16 @@ class ReweightConfig:
     batch_size: int = 8
     """Global training samples per step (over all ranks)."""
     val_ratio: int = 10
-    """Training samples per validation sample (``5``, ``10``, ``50``…): |V| = max(1, batch_size // val_ratio)."""
+    """Training pool : validation set (the paper's 5:1, 10:1, 50:1, §4.4 and Fig. 3): the run draws a
+    validation set of M = N // val_ratio examples (N: the training pool) from ``data.val_split`` of
+    ``data.val_task`` with ``seed`` (``reweight_data``). A *dataset* ratio, not a per-step one."""
     val_batch_size: int | None = None
-    """Set |V| directly (overrides ``val_ratio``)."""
+    """Validation samples per step, drawn in seeded epochs from the validation set (None: ``batch_size``,
+    as in the published code; never more than the set holds)."""
     scheme: str = "auto"
     """``fused`` (one backward; plain PEFT LoRA only), ``two_backward`` (any adapter), ``auto``: fused when possible."""
     seed: int = 0
-    """Seed of the training and validation batch order."""
+    """Seed of the validation-set draw and of the training and validation batch order."""
     log_weights: bool = True
     """Write ``weights.jsonl``, ``sample_weights.jsonl`` and ``weights_hist.png`` in the run directory."""
     stats: StatsConfig = field(default_factory=StatsConfig)
@@ -248,7 +259,8 @@ class ReweightConfig:
 
     @property
     def effective_val_batch_size(self) -> int:
-        return self.val_batch_size or max(1, self.batch_size // self.val_ratio)
+        """|V| per step: ``val_batch_size``, by default the training batch (before capping at the set size)."""
+        return self.val_batch_size or self.batch_size
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any]) -> ReweightConfig:

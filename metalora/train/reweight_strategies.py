@@ -8,7 +8,8 @@ option string is tested again per step:
   ``ExactScorer`` (true per-sample gradients, ``exact``);
 * a ``ValidationDirection`` (``direction``): the coefficients β of G = Σ_v β_v ∇ℓ_v, or none for the
   paper's β = 1/|V|;
-* a ``Weighter`` (``weights``): w from u (Eq. 8, with the published code's shift and our fallback);
+* a ``Weighter`` (``weights``): w from u (Eq. 8, with the published code's shift, and what a batch
+  with Σ max(u,0) ≤ δ does: an unweighted step, a skipped step or our uniform fallback);
 * an ``UpdateScheme`` (``scheme``): how ∇ Σ_i w_i ℓ_i reaches ``.grad`` — ``FusedUpdate`` (per-sample LoRA
   gradients from the one unweighted backward), ``TwoBackwardUpdate`` (a second, weighted backward) or
   ``ExactUpdate`` (Σ_i w_i of the exact per-sample gradients).
@@ -222,18 +223,19 @@ class ValidationDirection:
 
 
 class Weighter:
-    """w from u over the global batch (Eq. 8; ``weights.negative``, ``fallback``, ``delta``)."""
+    """w from u over the global batch: Eq. 8, w_i = max(u_i,0) / (Σ_j max(u_j,0) + δ), with
+    ``weights.negative`` (the published code's shift), ``fallback`` and ``no_signal`` (the Σ ≤ δ cases)."""
 
     def __init__(self, config: WeightsConfig) -> None:
         self.delta = config.delta
         self.shift = config.negative == "shift"
-        self.uniform_fallback = config.fallback == "uniform"
+        self.fallback, self.no_signal = config.fallback, config.no_signal
 
     def __call__(self, u: torch.Tensor, valid: torch.Tensor, uniform: bool = False) -> Weights:
         """``uniform``: w = 1/B over the valid samples, whatever u (the published unweighted first step)."""
         if uniform:
             return uniform_weights(valid.to(u.device))
-        return score_weights(u, valid, self.delta, self.shift, self.uniform_fallback)
+        return score_weights(u, valid, self.delta, self.shift, self.fallback, self.no_signal)
 
 
 # --- update schemes ------------------------------------------------------------------------------------

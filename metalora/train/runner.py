@@ -33,6 +33,7 @@ from metalora.train.config import ALGORITHMS, RunConfig, RunConfigError
 from metalora.train.meta import build_sampler, train_meta
 from metalora.train.multitask import few_shot_epochs, steps_for_epochs, train_multitask, train_single_task
 from metalora.train.reweight import train_reweight
+from metalora.train.reweight_data import draw_validation_set, held_out_keys
 
 __all__ = ["ALGORITHMS", "RunConfigError", "resolve_config", "run"]
 
@@ -115,7 +116,7 @@ def _run_lora_st(cfg: RunConfig, model: Any, tokenizer: Any, data: RunData, run_
 
 
 def _run_reweight(cfg: RunConfig, model: Any, tokenizer: Any, data: RunData, run_dir: RunDir) -> None:
-    val_features = _validation_features(cfg, tokenizer, data.task_to_id)
+    val_features = _validation_features(cfg, tokenizer, data.task_to_id, len(data.mixed))
     train_reweight(model, data.mixed, val_features, cfg.reweight, cfg.train, run_dir.root, data.pad_token_id)
 
 
@@ -132,13 +133,27 @@ assert set(ALGORITHM_RUNNERS) == set(ALGORITHMS)
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def _validation_features(cfg: RunConfig, tokenizer: Any, task_to_id: dict[str, int]) -> list[Feature]:
-    """The reweighting validation set: ``data.val_split`` of ``data.val_task``, tokenized like training."""
+def _validation_features(
+    cfg: RunConfig, tokenizer: Any, task_to_id: dict[str, int], n_train: int
+) -> list[Feature]:
+    """The reweighting validation set (``reweight_data``): M = N // ``reweight.val_ratio`` examples (N =
+    ``n_train``, the training pool) of ``data.val_split`` of ``data.val_task``, drawn with ``reweight.seed``,
+    none of them a test item; tokenized like training."""
     data = cfg.data
+    if data.val_split == "test":
+        raise RunConfigError("data.val_split='test': the validation set must be disjoint from the test items")
     val_task = load_task(data.val_task, seed=data.seed)
-    examples = val_task.split(data.val_split)[: data.val_examples or None]
-    if not examples:
+    candidates = val_task.split(data.val_split)
+    if not candidates:
         raise RunConfigError(f"data.val_task {val_task.name!r} has no examples in split {data.val_split!r}")
+    examples = draw_validation_set(
+        candidates,
+        n_train,
+        cfg.reweight.val_ratio,
+        cfg.reweight.seed,
+        exclude=held_out_keys(val_task.test),
+        size=data.val_examples,
+    )
     ids = dict(task_to_id)
     if val_task.name not in ids:
         if ADAPTER_TYPES[cfg.adapter.get("type", "lora")][0].task_routed:

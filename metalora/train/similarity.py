@@ -44,12 +44,21 @@ Scores (``reweight.direction.score``, our options besides the paper's ``dot``): 
 by the estimate of ‖∇ℓ_i‖ (``sample_norms``); ``layer_cosine`` normalises every site's ā and ĝ first
 (``unit_stats``), so u_i = Σ_l Σ_v β_v cos_l(i, v) and every site votes with the same weight.
 
-Weights (paper Eq. 8, ``clipped_weights``): w_i = max(u_i, 0) / (Σ_j max(u_j, 0) + δ), or with
-``negative="shift"`` (published code, ``shift_negative``) u ← u − 2·min(u) when min(u) < 0 before
-normalising (``normalised_weights``). When Σ_j max(u_j, 0) ≤ δ — at the first step B = 0 makes g = 0
-and u = 0 for every sample — the formula would give no update at all; ``fallback="uniform"`` (default)
-uses w = 1/B instead and records it, ``"zero"`` keeps the all-zero weights (the published code then
-skips the step).
+Weights (paper Eq. 8, ``clipped_weights``): w_i = max(u_i, 0) / (Σ_j max(u_j, 0) + δ(Σ_j max(u_j, 0))),
+with Ren et al.'s δ(a) = 1 if a = 0 else 0: it only turns 0/0 into 0. Here ``weights.delta`` (1e-30) is
+the threshold below which the sum counts as 0 (added to the denominator it changes no float64 weight
+unless the sum is below ~1e-14). With ``negative="shift"`` (published code, ``shift_negative``)
+u ← u − 2·min(u) when min(u) < 0 before normalising (``normalised_weights``). When Σ_j max(u_j, 0) ≤ δ,
+Eq. 8 gives w = 0: no update from that batch. Two cases are told apart (``Weights.case``):
+
+* ``"no_signal"``: u ≡ 0 on the valid samples because g ≡ 0 (B = 0 at the first step: g = ∂ℓ/∂z =
+  Bᵀ ∂ℓ/∂h = 0). Eq. 8 alone would then never move B; the published code makes step 0 unweighted.
+  ``no_signal="unweighted"`` (default) takes one unweighted step (w = 1/B); ``"fallback"`` treats it like
+  the next case.
+* ``"all_against"``: signal, all against — every u ≤ 0 and some u < 0 (generally: Σ max(u,0) ≤ δ, u ≢ 0).
+  ``fallback="skip"`` (default, the paper's Eq. 8): w = 0 and the batch's optimizer step is skipped
+  (``Weights.skip``; AdamW's momentum would otherwise move θ on a zero gradient); ``"uniform"`` (our
+  option): w = 1/B; ``"zero"`` (the former option): w = 0 and the optimizer step is taken anyway.
 """
 
 from __future__ import annotations
@@ -64,11 +73,14 @@ from metalora.train.loss import loss_positions
 POSITIONS = ("response", "nonpad", "all")
 VAL_AGGREGATIONS = ("per_sample", "mean")
 NEGATIVES = ("clip", "shift")
-FALLBACKS = ("uniform", "zero")
+FALLBACKS = ("skip", "uniform", "zero")
+NO_SIGNAL = ("unweighted", "fallback")
+CASES = ("eq8", "no_signal", "all_against", "unweighted")
 
 __all__ = [
     "SiteStats",
     "Weights",
+    "CASES",
     "clipped_weights",
     "cosine_scores",
     "layer_unit_rows",
@@ -213,11 +225,17 @@ class Weights:
     """Normalised sample weights and how they were obtained."""
 
     w: torch.Tensor
-    """[B] float64, non-negative; sums to ≈1 (or all zero with ``fallback="zero"``)."""
+    """[B] float64, non-negative; sums to ≈1, or is all zero (``fallback="skip"`` or ``"zero"``)."""
     fallback: bool
-    """True when Σ max(u, 0) ≤ δ and the fallback rule decided the weights."""
+    """True when Σ max(u, 0) ≤ δ (or w was set to 1/B regardless of u) and a rule, not Eq. 8's ratio,
+    decided the weights."""
     shifted: bool = False
     """True when ``negative="shift"`` moved u by −2·min(u)."""
+    case: str = "eq8"
+    """``eq8`` (Σ max(u,0) > δ), ``no_signal`` (u ≡ 0), ``all_against`` (Σ max(u,0) ≤ δ, u ≢ 0) or
+    ``unweighted`` (w = 1/B whatever u: the published unweighted first step)."""
+    skip: bool = False
+    """True when the batch's optimizer step is to be skipped (Eq. 8's w = 0 with ``fallback="skip"``)."""
 
 
 def shift_negative(u: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -227,12 +245,12 @@ def shift_negative(u: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     return u, False
 
 
-def uniform_weights(valid: torch.Tensor, shifted: bool = False) -> Weights:
+def uniform_weights(valid: torch.Tensor, shifted: bool = False, case: str = "unweighted") -> Weights:
     """w = 1/|valid| on the valid samples (all zero when none is), recorded as a fallback."""
     if bool(valid.any()):
-        return Weights(valid.to(torch.float64) / valid.sum(), fallback=True, shifted=shifted)
+        return Weights(valid.to(torch.float64) / valid.sum(), fallback=True, shifted=shifted, case=case)
     zeros = torch.zeros(valid.shape, dtype=torch.float64, device=valid.device)
-    return Weights(zeros, fallback=True, shifted=shifted)
+    return Weights(zeros, fallback=True, shifted=shifted, case=case)
 
 
 def normalised_weights(u: torch.Tensor, delta: float, shifted: bool = False) -> Weights:
@@ -246,10 +264,17 @@ def normalised_weights(u: torch.Tensor, delta: float, shifted: bool = False) -> 
 
 
 def score_weights(
-    u: torch.Tensor, valid: torch.Tensor, delta: float, shift: bool, uniform_fallback: bool
+    u: torch.Tensor,
+    valid: torch.Tensor,
+    delta: float,
+    shift: bool,
+    fallback: str = "skip",
+    no_signal: str = "unweighted",
 ) -> Weights:
-    """Eq. 8 on the valid samples: u is 0 elsewhere, ``shift`` applies ``shift_negative`` first, and
-    ``uniform_fallback`` replaces all-zero weights by ``uniform_weights``."""
+    """Eq. 8 on the valid samples, w_i = max(u_i,0) / (Σ_j max(u_j,0) + δ): u is 0 elsewhere, ``shift``
+    applies ``shift_negative`` first. When Σ max(u,0) ≤ δ the case decides (module docstring):
+    ``no_signal`` (u ≡ 0) with ``no_signal="unweighted"`` gives w = 1/B; otherwise ``fallback``:
+    ``skip`` (w = 0, ``skip=True``), ``uniform`` (w = 1/B) or ``zero`` (w = 0, the step is taken)."""
     u = u.to(torch.float64)
     valid = valid.to(u.device)
     u = torch.where(valid, u, torch.zeros_like(u))
@@ -257,25 +282,35 @@ def score_weights(
     if shift:
         u, shifted = shift_negative(u, valid)
     w = normalised_weights(u, delta, shifted)
-    return uniform_weights(valid, shifted) if w.fallback and uniform_fallback else w
+    if not w.fallback:
+        return w
+    case = "no_signal" if not bool(u.any()) else "all_against"
+    if (case == "no_signal" and no_signal == "unweighted") or fallback == "uniform":
+        return uniform_weights(valid, shifted, case=case)
+    return Weights(w.w, fallback=True, shifted=shifted, case=case, skip=fallback == "skip")
 
 
 def clipped_weights(
     u: torch.Tensor,
     delta: float = 1e-30,
     negative: str = "clip",
-    fallback: str = "uniform",
+    fallback: str = "skip",
     valid: torch.Tensor | None = None,
+    no_signal: str = "unweighted",
 ) -> Weights:
     """w_i = max(u_i, 0) / (Σ_j max(u_j, 0) + δ); ``negative="shift"``: u − 2·min(u) when min(u) < 0.
 
     ``valid`` [B] bool marks samples that have a loss at all; the others always get weight 0 (also under
-    the shift and the uniform fallback, which spreads 1 over the valid samples only).
+    the shift and the uniform fallback, which spreads 1 over the valid samples only). ``fallback`` and
+    ``no_signal``: ``score_weights``.
     """
-    if negative not in NEGATIVES or fallback not in FALLBACKS:
-        raise ValueError(f"negative={negative!r} / fallback={fallback!r}: expected {NEGATIVES} / {FALLBACKS}")
+    if negative not in NEGATIVES or fallback not in FALLBACKS or no_signal not in NO_SIGNAL:
+        raise ValueError(
+            f"negative={negative!r} / fallback={fallback!r} / no_signal={no_signal!r}: "
+            f"expected {NEGATIVES} / {FALLBACKS} / {NO_SIGNAL}"
+        )
     valid = torch.ones_like(u, dtype=torch.bool) if valid is None else valid
-    return score_weights(u, valid, delta, negative == "shift", fallback == "uniform")
+    return score_weights(u, valid, delta, negative == "shift", fallback, no_signal)
 
 
 def weight_statistics(w: torch.Tensor, tol: float = 0.0) -> dict[str, float]:
