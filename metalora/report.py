@@ -84,7 +84,7 @@ def plot_losses(series: dict[str, tuple[list[int], list[float]]], path: Path) ->
     ax.set_title("Training loss per task")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy(
@@ -108,10 +108,11 @@ def plot_accuracy(
     ax.set_title("Per-task accuracy: base vs adapted")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (its directory made) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

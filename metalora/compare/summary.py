@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from metalora import atomic  # noqa: E402
+from metalora.report import save_figure  # noqa: E402
 from metalora.stats import mean_ci, paired_bootstrap  # noqa: E402
 
 COST_KEYS = ("optimizer_steps", "samples", "tokens", "wall_time_s")
@@ -133,7 +134,7 @@ def plot_scores(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("macro primary metric (mean over seeds, 95% CI)")
     ax.set_title("metalora compare")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_losses(results: list[dict[str, Any]], path: Path) -> Path:
@@ -155,15 +156,7 @@ def plot_losses(results: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("training loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(
