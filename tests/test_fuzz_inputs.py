@@ -505,44 +505,42 @@ def test_cli_refuses_in_one_line(tmp_path, monkeypatch, capsys, case, words):
     assert not written, written
 
 
-# ------------------------------------------------------------------------- known bugs, pinned (strict)
+# ------------------------------------------------- the known bugs the fuzzing found, fixed since
 
 
-def _known_bug(reason: str, *overrides: str, **changes: Any) -> Any:
-    return pytest.param(
-        overrides, changes, marks=pytest.mark.xfail(strict=True, reason=reason), id=reason[:40]
-    )
+def _was_a_bug(reason: str, *overrides: str, **changes: Any) -> Any:
+    """A case that was a known bug (pinned as a strict xfail until its fix landed); now it must pass."""
+    return pytest.param(overrides, changes, id=reason[:40])
 
 
 @pytest.mark.parametrize(
     ("overrides", "changes"),
     [
-        _known_bug("config.py apply_override: yaml.safe_load's error escapes (a traceback)", "train.lr=[1"),
-        _known_bug("config.py _adapter_section merges a non-mapping before checking it", adapter=[1]),
-        _known_bug(
+        _was_a_bug("config.py apply_override: yaml.safe_load's error escapes (a traceback)", "train.lr=[1"),
+        _was_a_bug("config.py _adapter_section merges a non-mapping before checking it", adapter=[1]),
+        _was_a_bug(
             "reweight_config.py _coerce checks no types (TypeError later)",
             "reweight.val_batch_size=[]",
             algorithm="reweight",
             data={"tasks": ["arc_easy"], "val_task": "boolq"},
         ),
-        _known_bug(
+        _was_a_bug(
             "reweight_config.py prints an unknown key unquoted (a newline splits the message)",
             algorithm="reweight",
             data={"tasks": ["arc_easy"], "val_task": "boolq"},
             reweight={"a\nb": 1},
         ),
-        _known_bug("config.py coerce accepts inf for float fields", "train.lr=.inf"),
-        _known_bug("config.py: the run name is not checked (runs/../../x)", "name=../../escape"),
+        _was_a_bug("config.py coerce accepts inf for float fields", "train.lr=.inf"),
+        _was_a_bug("config.py: the run name is not checked (runs/../../x)", "name=../../escape"),
     ],
 )
-def test_known_config_bugs(overrides, changes):
+def test_config_refuses_what_were_known_bugs(overrides, changes):
     """Each must be refused with a one-line ValueError naming the key (``metalora train`` exits 2)."""
     _, exc = attempt(RunConfig.from_dict, {**BASE, **changes}, list(overrides))
     refused(exc, *[o.partition("=")[0].split(".")[-1] for o in overrides], *changes)
 
 
-@pytest.mark.xfail(strict=True, reason="runner.py: a task whose every sample is all-masked trains a no-op")
-def test_known_bug_every_label_masked_is_a_silent_no_op(tmp_path, monkeypatch, capsys):
+def test_a_task_whose_every_label_is_masked_is_refused(tmp_path, monkeypatch, capsys):
     _setup(tmp_path, monkeypatch, [{**r, "q": " ".join(f"w{j % 30}" for j in range(30))} for r in _rows()])
     status, err, _ = _run(tmp_path, capsys, "data.truncate=right")
     assert status == 2 and "'t'" in err, err

@@ -48,7 +48,7 @@ def test_non_default_values_survive_the_round_trip():
     "override, message",
     [
         ("train.max_steps=ten", r"train.max_steps='ten': expected an integer"),
-        ("train.lr=fast", r"train.lr='fast': expected a number"),
+        ("train.lr=fast", r"train.lr='fast': expected a finite number"),
         ("train.progress=maybe", r"train.progress='maybe': expected true or false"),
         ("train.betas=[0.9]", r"train.betas=\[0.9\]: expected 2 values"),
         ("algorithm=maml", r"algorithm='maml': expected one of \['meta', 'lora_mt', 'lora_st', 'reweight'\]"),

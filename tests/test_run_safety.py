@@ -152,3 +152,19 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_the_run_resumes(tmp_
     assert status["status"].startswith("interrupted") and status["optimizer_steps"] == step
     resumed, counters = run_mt(tmp_path / "cut", steps=8)  # running again resumes
     assert max_abs_diff(adapter_state(resumed), adapter_state(full)) == 0.0 and counters.optimizer_steps == 8
+
+
+def test_a_checkpoint_of_another_shape_is_refused_naming_the_tensor(tmp_path):
+    """Oracle: a checkpoint whose manifest verifies but whose adapter tensor has another shape (a run
+    resumed with another rank, say) stops with a CheckpointError naming that tensor, not a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    run_mt(tmp_path / "r", steps=2, checkpoint_every=2)
+    step = tmp_path / "r" / "checkpoints" / "step-00000002"
+    tensors = load_file(str(step / "adapter.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:1].clone()
+    save_file(tensors, str(step / "adapter.safetensors"))
+    atomic.write_json(step / "manifest.json", checkpoint.manifest(step))
+    with pytest.raises(CheckpointError, match=rf"does not fit this run's adapter.*{name}"):
+        run_mt(tmp_path / "r", steps=4)

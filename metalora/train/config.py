@@ -22,12 +22,10 @@ as ``config.yaml``, and ``RunConfig.from_dict(to_dict())`` gives the same config
 from __future__ import annotations
 
 import copy
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -35,10 +33,12 @@ from metalora.adapters.api import ADAPTER_TYPES, config_from_dict
 from metalora.adapters.full_finetune import FULL_FINETUNE_TYPE
 from metalora.adapters.targets import DEFAULT_ATTENTION_TARGETS
 from metalora.data import TaskSpec
+from metalora.data.tasks import check_task_name
 from metalora.train.engine import EngineConfig
 from metalora.train.meta import MetaConfig
 from metalora.train.multitask import MultitaskConfig
 from metalora.train.reweight import ReweightConfig
+from metalora.train.typed import FieldTypeError, coerce_fields
 
 Algorithm = Literal["meta", "lora_mt", "lora_st", "reweight"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
@@ -124,7 +124,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         kind = self.adapter.get("type", "lora")
-        if kind not in ADAPTER_TYPES:
+        if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
             raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
         if self.algorithm == "reweight":
             if kind == FULL_FINETUNE_TYPE:
@@ -162,7 +162,12 @@ class RunConfig:
             raise RunConfigError(
                 f"unknown config key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}"
             )
-        values: dict[str, Any] = coerce_fields(cls, {k: v for k, v in raw.items() if k not in SECTIONS}, "")
+        try:
+            values: dict[str, Any] = coerce_fields(
+                cls, {k: v for k, v in raw.items() if k not in SECTIONS}, ""
+            )
+        except FieldTypeError as exc:
+            raise RunConfigError(str(exc)) from None
         for section, section_cls in SECTIONS.items():
             given = raw.get(section)
             if given is None and section in ("reweight", "data"):
@@ -175,6 +180,13 @@ class RunConfig:
         values["adapter"] = _adapter_section(raw.get("adapter"), values["data"])
         config = cls(**values)
         config.name = config.name or default_name or config.algorithm
+        try:
+            check_task_name(config.name)  # the run directory's name: one plain path component
+        except ValueError:
+            raise RunConfigError(
+                f"name={config.name!r}: expected a plain name with no path separator and no leading '.' "
+                "(it names the run directory under output_dir)"
+            ) from None
         return config
 
     @classmethod
@@ -237,77 +249,16 @@ def build_section(cls: type, section: str, values: Any) -> Any:
         raise RunConfigError(str(exc)) from None
 
 
-def coerce_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    hints = get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise RunConfigError(
-            f"{prefix.rstrip('.') or 'config'}: unknown key(s) {unknown}; known: {sorted(known)}"
-        )
-    return {k: coerce(v, hints[k], f"{prefix}{k}") for k, v in values.items()}
-
-
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as the annotation ``hint`` wants it, or a RunConfigError naming ``key``."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, key)
-            except RunConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise RunConfigError(f"{key}={value!r}: expected one of {list(args)}")
-        return value
-    if origin in (tuple, list) or hint in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise RunConfigError(f"{key}={value!r}: expected a list")
-        items = args if origin is tuple and args and args[-1] is not Ellipsis else None
-        if items is not None and len(items) != len(value):
-            raise RunConfigError(f"{key}={value!r}: expected {len(items)} values")
-        if items is not None:
-            return tuple(
-                coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, items, strict=True))
-            )
-        return list(value) if origin is list or hint is list else tuple(value)
-    return _scalar(value, hint, key)
-
-
-def _scalar(value: Any, hint: Any, key: str) -> Any:
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RunConfigError(f"{key}={value!r}: expected a number")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise RunConfigError(f"{key}={value!r}: expected an integer")
-    if hint is bool and not isinstance(value, bool):
-        raise RunConfigError(f"{key}={value!r}: expected true or false")
-    if hint is str and not isinstance(value, str):
-        raise RunConfigError(f"{key}={value!r}: expected a string")
-    if isinstance(hint, type) and hint.__module__ == "builtins" and not isinstance(value, hint):
-        raise RunConfigError(f"{key}={value!r}: expected {hint.__name__}")
-    return value
-
-
 def apply_override(config: dict[str, Any], item: str) -> None:
     """Apply ``dotted.key=value`` (the value parsed as YAML) to the raw recipe dict."""
     if "=" not in item:
         raise RunConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
     key, _, raw = item.partition("=")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RunConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     parts = key.strip().split(".")
     top = {f.name for f in fields(RunConfig)}
     if parts[0] not in top:
@@ -328,11 +279,11 @@ def apply_override(config: dict[str, Any], item: str) -> None:
 def _adapter_section(given: Any, data: DataConfig) -> dict[str, Any]:
     """The adapter section with its type's config validated; task-routed adapters (MTL-LoRA, MoELoRA) get
     ``task_names`` = the data tasks unless the recipe names them or a task count."""
-    adapter = {**RunConfig.__dataclass_fields__["adapter"].default_factory(), **(given or {})}
     if given is not None and not isinstance(given, Mapping):
         raise RunConfigError(f"adapter: expected a mapping of keys, got {given!r}")
+    adapter = {**RunConfig.__dataclass_fields__["adapter"].default_factory(), **(given or {})}
     kind = adapter.get("type", "lora")
-    if kind not in ADAPTER_TYPES:
+    if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
         raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
     # the default section's LoRA fields apply to the types that have them (not to full fine-tuning)
     own = {f.name for f in fields(ADAPTER_TYPES[kind][0])} | set(given or {}) | {"type"}

@@ -40,6 +40,7 @@ from torch import nn
 
 from metalora import atomic
 from metalora.adapters import adapter_parameters, is_task_routed, save_adapter, task_ids
+from metalora.adapters.io import AdapterLoadError, check_adapter_tensors
 from metalora.errors import RunInterrupted
 from metalora.rundir import RunDir
 from metalora.train import checkpoint
@@ -428,11 +429,10 @@ class Engine:
         if directory is None:
             return 0
         adapter, state, rng = checkpoint.load(directory)
-        missing, unexpected = set(self.params) - set(adapter), set(adapter) - set(self.params)
-        if missing or unexpected:
-            raise checkpoint.CheckpointError(
-                f"{directory} does not fit this adapter: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
+        try:  # the same tensor names, each of its parameter's shape and a floating dtype
+            check_adapter_tensors(directory / checkpoint.ADAPTER_FILE, adapter, self.params)
+        except AdapterLoadError as exc:
+            raise checkpoint.CheckpointError(f"{directory} does not fit this run's adapter: {exc}") from None
         self.restore({n: t.to(self.device) for n, t in adapter.items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

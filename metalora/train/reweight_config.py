@@ -28,6 +28,7 @@ from typing import Any
 from metalora.train import similarity as sim
 from metalora.train import val_direction
 from metalora.train.lora_grads import MODULE_SUBSETS, SITE_KINDS
+from metalora.train.typed import FieldTypeError, coerce_fields
 
 SIMILARITIES = (*SITE_KINDS, "exact")
 SCHEMES = ("auto", "fused", "two_backward")
@@ -280,7 +281,7 @@ class ReweightConfig:
                 top[key] = value
             else:
                 raise ReweightConfigError(
-                    f"reweight.{key}: unknown key; known: {sorted(_field_types(cls))} "
+                    f"reweight.{_shown(key)}: unknown key; known: {sorted(_field_types(cls))} "
                     f"(and the old flat keys {sorted(ALIASES)})"
                 )
         sections = {
@@ -302,7 +303,9 @@ def _collect_section(section: str, values: Any, into: dict[str, Any]) -> None:
     known = _field_types(SECTIONS[section])
     for key, value in values.items():
         if key not in known:
-            raise ReweightConfigError(f"reweight.{section}.{key}: unknown key; known: {sorted(known)}")
+            raise ReweightConfigError(
+                f"reweight.{section}.{_shown(key)}: unknown key; known: {sorted(known)}"
+            )
         into[key] = value
 
 
@@ -312,14 +315,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Strings in fields annotated ``float`` (or ``float | None``) become floats."""
-    types = _field_types(cls)
-    out = dict(values)
-    for key, value in values.items():
-        hint = types[key]
-        if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
-            try:
-                out[key] = float(value)
-            except ValueError:
-                raise ReweightConfigError(f"{where}.{key}={value!r}: expected a number") from None
-    return out
+    """Every value checked against its field's annotation (``metalora.train.typed``): strings in float
+    fields become floats, a list where a number belongs is refused naming the key."""
+    try:
+        return coerce_fields(cls, values, f"{where}.")
+    except FieldTypeError as exc:
+        raise ReweightConfigError(str(exc)) from None
+
+
+def _shown(key: Any) -> str:
+    """A key as written in an error: plain names as they are, anything else quoted (one line always)."""
+    return key if isinstance(key, str) and key.isidentifier() else repr(key)

@@ -69,6 +69,12 @@ def run(config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[
     features, stats = {}, {}
     for name, exs in examples.items():
         features[name], st = _tokenize(exs, tokenizer, task_to_id, cfg)
+        if st.total and st.all_masked == st.total:
+            raise RunConfigError(
+                f"task {name!r}: every one of its {st.total} samples has no response token left after "
+                f"truncation to data.max_length={cfg.data.max_length} (data.truncate={cfg.data.truncate!r}); "
+                "nothing would be learned: raise max_length or truncate the prompt (left_prompt)"
+            )
         stats[name] = {key: v for key, v in st.as_dict().items() if not key.endswith("_ids")}
     data = RunData(features, task_to_id, tokenizer.pad_token_id)
     _apply_epochs(cfg, data)
