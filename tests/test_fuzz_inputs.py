@@ -13,8 +13,8 @@ listed in the commit that added this file.
 
 Oracles: for a refused input, the words the message must contain (computed from the input, e.g. the first
 bad line of a JSONL file); for an accepted one, the examples equal the records' text, and a resolved config
-holds only finite numbers. Known bugs in files this test does not own are pinned by the strict ``xfail``
-tests at the end and skipped over (``config_bug``) by the properties, so a fix shows as an XPASS.
+holds only finite numbers and a plain run name. The bugs it found in the run config (pinned as strict
+xfails until fixed) are fixed; their cases stay as plain tests at the end.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import io
 import json
 import math
 import os
-import traceback
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -109,38 +107,6 @@ VALUES = st.recursive(
 )
 
 
-KNOWN: Counter[str] = Counter()  # cases that hit a known bug, by bug (printed at the end with -s)
-
-
-def config_bug(config: RunConfig | None, exc: BaseException | None) -> str | None:
-    """A known bug of ``metalora/train/config.py`` or ``reweight_config.py`` (files this test does not own;
-    reported, and pinned by the strict xfail tests below), or None."""
-    frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)] if exc is not None else []
-    if exc is not None and type(exc).__module__.startswith("yaml"):
-        bug = "config.py: an override's malformed YAML value raises yaml's error"
-    elif isinstance(exc, TypeError) and frames and frames[-1].endswith("train/config.py"):
-        bug = "config.py: a wrong-typed adapter section or adapter.type raises TypeError"
-    elif isinstance(exc, TypeError) and frames and frames[-1].endswith("reweight_config.py"):
-        bug = "reweight_config.py: reweight values are not type-checked (TypeError)"
-    elif isinstance(exc, ValueError) and "\n" in str(exc) and str(exc).startswith("reweight."):
-        bug = "reweight_config.py: an unknown key is printed unquoted (a newline in it splits the message)"
-    elif config is not None and not _finite(config.to_dict()):
-        bug = "config.py: infinite numbers are accepted"
-    elif config is not None and not _plain_name(config.name):
-        bug = "config.py: a run name with a path separator or '..' is accepted"
-    else:
-        return None
-    KNOWN[bug] += 1
-    return bug
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_known_bugs() -> Iterator[None]:
-    yield
-    for bug, n in KNOWN.most_common():
-        print(f"\nfuzz: {n} case(s) hit the known bug: {bug}")
-
-
 def _finite(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_finite(v) for v in value.values())
@@ -162,10 +128,11 @@ def check_config(path: Path, overrides: list[str], *names: str) -> None:
     """``from_yaml`` gives a config holding finite numbers and a plain run name, or a refusal naming one
     of ``names`` (or the file)."""
     config, exc = attempt(RunConfig.from_yaml, path, overrides)
-    if config_bug(config, exc):
-        return
     if exc is not None:
         refused(exc, str(path), *names)
+    else:
+        assert _finite(config.to_dict()), config.to_dict()
+        assert _plain_name(config.name), config.name
 
 
 @FUZZ
@@ -220,9 +187,8 @@ def test_an_unknown_key_is_named(workdir, section, key):
     before = BASE
     for part in section:
         before = before.get(part, {})
-    config, exc = attempt(RunConfig.from_yaml, path, [])
-    if not config_bug(config, exc):
-        refused(exc, *[str(k) for k in parsed if k not in before])
+    _, exc = attempt(RunConfig.from_yaml, path, [])
+    refused(exc, *[str(k) for k in parsed if k not in before])
 
 
 OVERRIDE = st.one_of(

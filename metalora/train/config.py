@@ -52,7 +52,7 @@ class RunConfigError(ValueError):
 class DataConfig:
     """The ``data:`` section: which tasks, how many examples, how they are tokenized and split."""
 
-    tasks: list[Any] = field(default_factory=list)
+    tasks: list[str | dict[str, Any]] = field(default_factory=list)
     """Built-in task names, task spec dicts or files (required, non-empty)."""
     examples_per_task: int | None = 50
     """Few-shot pool per task (None: each task's whole train split)."""
@@ -67,7 +67,7 @@ class DataConfig:
     pool_seed: int | None = None
     """Seed of the ``examples_per_task`` draw from the train split (None: ``seed``). ``metalora compare``
     varies it with the run's seed while ``seed`` keeps the test items the same."""
-    val_task: Any = None
+    val_task: str | dict[str, Any] | None = None
     """Reweighting: the trusted validation set (a task name, spec dict or file)."""
     val_split: str = "dev"
     """Reweighting: the split of ``val_task`` the validation set is drawn from (never ``test``)."""

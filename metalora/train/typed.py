@@ -60,7 +60,13 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return tuple(
                 coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, items, strict=True))
             )
+        if origin is list and args:  # list[X]: every item an X
+            return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return list(value) if origin is list or hint is list else tuple(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise FieldTypeError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
     return _scalar(value, hint, key)
 
 
