@@ -236,7 +236,14 @@ def summary() -> dict[str, Any]:
     print(
         table(check_rows, ["method", "seeds", *tasks, "mean", "optimizer_steps", "samples", "train_wall_s"])
     )
-    timing = timing_rows(check_runs)
+    moved = seed_fix_rows(check_runs)
+    if moved:
+        print("\nWhere the check moved when runs became reproducible (mean acc_norm over the 4 tasks):")
+        print(table(moved, ["run", "before", "after", "delta"]))
+    # wall times: the runs made before the seed fix, which ran two at a time on the 2 cores; the re-check
+    # after it shared the machine with test suites and other jobs (its rates are ~1.7x slower), and seeding
+    # changes no count
+    timing = timing_rows(_load("check_before_seed_fix") or check_runs)
     if timing:
         print("\n(c) measured on SmolLM2 (training only, 1 thread, two runs side by side on 2 cores):")
         print(table(timing, ["run", "optimizer_steps", "samples", "tokens", "wall_s", "ms_per_token"]))
@@ -245,11 +252,34 @@ def summary() -> dict[str, Any]:
         "sweep": sweep_rows,
         "check": check_rows,
         "timing": timing,
+        "seed_fix": moved,
         "table7_projection": table7_projection(timing),
         "runs": check_runs,
     }
     print(f"wrote {save('meta_learning', out)}")
     return out
+
+
+def seed_fix_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each trained check run against the same run made before the adapter's init was seeded from the
+    config (``check_before_seed_fix/``: torch's per-process random seed drew LoRA's A then)."""
+    before = {Path(r["key"]).name: r for r in _load("check_before_seed_fix")}
+    rows = []
+    for r in runs:
+        old = before.get(Path(r["key"]).name)
+        if old is None:
+            continue
+        after_mean = statistics.fmean(_primary(r["acc"][t]) for t in _tasks())
+        before_mean = statistics.fmean(_primary(old["acc"][t]) for t in _tasks())
+        rows.append(
+            {
+                "run": Path(r["key"]).name,
+                "before": before_mean,
+                "after": after_mean,
+                "delta": after_mean - before_mean,
+            }
+        )
+    return rows
 
 
 def sweep_markdown(rows: list[dict[str, Any]]) -> str:
