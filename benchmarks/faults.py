@@ -201,6 +201,26 @@ def trial_set(algorithm: str, processes: int, kills: int, work: Path, rng: rando
     return row
 
 
+COLUMNS = [
+    "algorithm",
+    "processes",
+    "trials",
+    "kills",
+    "in_checkpoint_write",
+    "identical",
+    "reference_train_s",
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    totals = result["totals"]
+    return (
+        table(result["rows"], COLUMNS)
+        + f"\n| **total** | | {totals['trials']} | {totals['kills']} | {totals['in_checkpoint_write']} | "
+        + f"{totals['identical']} | |"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -213,7 +233,13 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/metalora_faults"))
     p.add_argument("--quick", action="store_true", help="CI: 2 processes only for lora_mt and meta")
     p.add_argument("--out", type=Path, default=RESULTS / "faults.json")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the docs table from the stored JSON; run nothing"
+    )
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     rng = random.Random(args.seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -54,7 +54,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=1000, help="examples per property")
     p.add_argument("--out", type=Path, default=RESULTS / "fuzz.json")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the docs table from the stored JSON; run nothing"
+    )
     args = p.parse_args()
+    if args.markdown:
+        stored = json.loads(args.out.read_text())
+        print(table(stored["rows"], ["property", "cases", "failing", "invalid"]))
+        print(f"| **total** | {stored['totals']['cases']} | {stored['totals']['failing']} | |")
+        return
     result = run(args.examples) | {"machine": machine()}
     print(table(result["rows"], ["property", "cases", "failing", "invalid"]))
     total = sum(r["cases"] for r in result["rows"])
