@@ -297,6 +297,43 @@ def _argmax(values: Sequence[float]) -> int:
     return int(np.argmax(np.asarray(values, dtype=np.float64)))
 
 
+def _requests(
+    tokenizer: Any,
+    items: Sequence[MCItem],
+    fewshot_pool: Any,
+    num_fewshot: int,
+    seed: int,
+    fewshot_sampler: Literal["first_n", "random"],
+    target_delimiter: str,
+    fewshot_delimiter: str,
+    description: str | Callable[[str], str],
+    add_bos_token: bool,
+) -> tuple[list[tuple[list[int], list[int]]], list[str], list[tuple[int, int]]]:
+    """(context, continuation) token pairs of every option of every item, each pair's task, and each
+    item's span of pairs."""
+    requests: list[tuple[list[int], list[int]]] = []
+    names: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for item in items:
+        if not item.options:
+            raise ValueError(
+                f"item {item.id!r} of task {item.task!r} has no options; it is not multiple choice"
+            )
+        if item.answer is not None and not 0 <= item.answer < len(item.options):
+            raise ValueError(
+                f"item {item.id!r}: answer {item.answer} out of range for {len(item.options)} options"
+            )
+        shots = select_shots(item, pool_for_task(item.task, fewshot_pool), num_fewshot, seed, fewshot_sampler)
+        head = description(item.task) if callable(description) else description
+        context = build_context(item.prompt, shots, target_delimiter, fewshot_delimiter, head)
+        start = len(requests)
+        for option in item.options:
+            requests.append(encode_pair(tokenizer, context, target_delimiter + option, add_bos_token))
+            names.append(item.task)
+        spans.append((start, len(requests)))
+    return requests, names, spans
+
+
 def evaluate_multiple_choice(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -326,27 +363,18 @@ def evaluate_multiple_choice(
     (``select_shots``). ``description`` (a string, or a function of the task name) heads each context, as
     MMLU's "The following are multiple choice questions (with answers) about …\\n\\n".
     """
-    requests: list[tuple[list[int], list[int]]] = []
-    names: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for item in items:
-        if not item.options:
-            raise ValueError(
-                f"item {item.id!r} of task {item.task!r} has no options; it is not multiple choice"
-            )
-        if item.answer is not None and not 0 <= item.answer < len(item.options):
-            raise ValueError(
-                f"item {item.id!r}: answer {item.answer} out of range for {len(item.options)} options"
-            )
-        shots = select_shots(item, pool_for_task(item.task, fewshot_pool), num_fewshot, seed, fewshot_sampler)
-        head = description(item.task) if callable(description) else description
-        context = build_context(item.prompt, shots, target_delimiter, fewshot_delimiter, head)
-        start = len(requests)
-        for option in item.options:
-            requests.append(encode_pair(tokenizer, context, target_delimiter + option, add_bos_token))
-            names.append(item.task)
-        spans.append((start, len(requests)))
-
+    requests, names, spans = _requests(
+        tokenizer,
+        items,
+        fewshot_pool,
+        num_fewshot,
+        seed,
+        fewshot_sampler,
+        target_delimiter,
+        fewshot_delimiter,
+        description,
+        add_bos_token,
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     limit = _max_length(model, max_length)
     if prefix_cache and all(len(c) + len(x) <= limit for c, x in requests):
