@@ -138,3 +138,14 @@ def test_compare_refuses_an_unknown_reference(tmp_path, capsys):
     lora, _ = _recipes(tmp_path)
     assert main(["compare", str(lora), "--reference", "nope", "--out", str(tmp_path / "c")]) == 2
     assert "--reference 'nope' is not one of the recipes ['lora']" in capsys.readouterr().err
+
+
+def test_a_stored_run_made_with_other_settings_is_not_reused(tmp_path):
+    """Oracle: the second study differs only in an override; reusing the first's result would report
+    numbers of another configuration, so it stops naming the file."""
+    from metalora.compare import Study, run_study
+
+    lora, _ = _recipes(tmp_path)
+    run_study(Study([str(lora)], tmp_path / "c", seeds=[0], overrides=["train.max_steps=1"], limit=2))
+    with pytest.raises(ValueError, match=r"lora-s0\.json was made with other settings"):
+        run_study(Study([str(lora)], tmp_path / "c", seeds=[0], overrides=["train.max_steps=2"], limit=2))

@@ -98,7 +98,13 @@ def make_job(study: Study, recipe: str, seed: int, extra: list[str], where: str,
 def run_job(job: Job) -> dict[str, Any]:
     """Train (resuming) and score one run; its result JSON is written once, at the end."""
     if job.result.is_file():
-        return json.loads(job.result.read_text())
+        stored = json.loads(job.result.read_text())
+        if stored["overrides"] != job.overrides:
+            raise ValueError(
+                f"{job.result} was made with other settings ({stored['overrides']}); this study asks for "
+                f"{job.overrides}: give the study another --out, or remove that file to redo the run"
+            )
+        return stored
     config = RunConfig.from_yaml(job.recipe, job.overrides)
     run_dir = RunDir(train_run(config))
     tasks, _ = eval_tasks_for(run_dir.root, job.tasks, config.data.seed)
