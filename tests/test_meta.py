@@ -48,6 +48,11 @@ def f64_model(config=None):
     return model
 
 
+def sample_mean_loss(model, params, features):
+    """The paper's L, in float64: the mean over samples of each sample's token-mean loss."""
+    return torch.stack([hf_loss(model, params, [f]) for f in features]).mean()
+
+
 def hf_loss(model, params, features):
     """The oracle's loss, written out here in float64 (HF's own ``.loss`` upcasts only to float32):
     mean over label tokens of −log softmax(logits_t)[labels_{t+1}], run with ``params`` swapped in."""
@@ -62,16 +67,17 @@ def hf_loss(model, params, features):
     return -(picked * mask).sum() / mask.sum()
 
 
-def oracle_query_grad(model, support, query, k, alpha):
+def oracle_query_grad(model, support, query, k, alpha, loss=None):
     """θ_i by k plain SGD steps on a detached copy, then ∇L_Q at a detached copy of θ_i."""
+    loss = loss or hf_loss
     theta = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
     names = list(theta)
     for _ in range(k):
         leaf = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-        grads = torch.autograd.grad(hf_loss(model, leaf, support), [leaf[n] for n in names])
+        grads = torch.autograd.grad(loss(model, leaf, support), [leaf[n] for n in names])
         theta = {n: (leaf[n] - alpha * g).detach() for n, g in zip(names, grads, strict=True)}
     phi = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-    grads = torch.autograd.grad(hf_loss(model, phi, query), [phi[n] for n in names])
+    grads = torch.autograd.grad(loss(model, phi, query), [phi[n] for n in names])
     return dict(zip(names, grads, strict=True))
 
 
@@ -88,6 +94,25 @@ def test_fo_maml_gradient_equals_gradient_at_detached_adapted_copy(tmp_path):
     assert max_abs_diff(adapter_state(model), before) == 0.0  # θ restored bit for bit
     assert max_abs_diff(grads, expected) < 1e-10
     assert max_abs_diff(expected, at_theta) > 1e-4  # the inner steps matter: the check is not vacuous
+
+
+def test_sample_reduction_is_the_papers_mean_of_per_sample_losses(tmp_path):
+    """``meta.loss_reduction: sample``: L_S and L_Q average each sample's token-mean loss (the paper's L).
+    Oracle: float64 autograd through one sequence at a time; samples of different response lengths, so
+    the two reductions differ."""
+    model = f64_model()
+    support = make_features("a", 0, 4, seed=1, vary=True)
+    query = make_features("a", 0, 4, seed=2, vary=True)
+    assert len({sum(x != -100 for x in f["labels"]) for f in support + query}) > 1  # unequal lengths
+    cfg = MetaConfig(inner_steps=2, inner_lr=0.5, support_size=4, query_size=4, loss_reduction="sample")
+    engine = Engine(model, EngineConfig(max_steps=1, progress=False), tmp_path)
+    _, _, grads = task_query_grad(engine, support, query, cfg, PAD)
+    expected = oracle_query_grad(model, support, query, k=2, alpha=0.5, loss=sample_mean_loss)
+    token_mean = oracle_query_grad(model, support, query, k=2, alpha=0.5)
+    assert max_abs_diff(grads, expected) < 1e-10
+    assert max_abs_diff(expected, token_mean) > 1e-6  # the reductions differ here: the check can fail
+    with pytest.raises(ValueError, match="loss_reduction"):
+        MetaConfig(loss_reduction="mean")
 
 
 def test_outer_step_is_adamw_on_task_averaged_query_grads(tmp_path):

@@ -221,21 +221,30 @@ class Engine:
         batches: Sequence[dict[str, Any]],
         normalizer: float | None = None,
         per_task: dict[int, list[float]] | None = None,
+        reduction: str = "token",
     ) -> float:
-        """Accumulate ∇ [Σ_b Σ_tokens ℓ / normalizer] into ``.grad``; returns that loss value.
+        """Accumulate ∇ [loss] into ``.grad``; returns that loss value.
 
-        ``normalizer`` defaults to the label tokens of ``batches`` (a mean-token loss over all of them,
-        however they are split into micro-batches). Data parallelism passes the global count.
-        ``per_task``, if given, accumulates ``{task id: [Σ token losses, label tokens]}`` of this rank's rows.
+        ``reduction="token"``: loss = Σ_b Σ_tokens ℓ / normalizer, the token mean over all ``batches``
+        (``normalizer`` defaults to their label tokens, however they are split into micro-batches; data
+        parallelism passes the global count). ``reduction="sample"``: loss = Σ_i (Σ_t ℓ_it / T_i) /
+        normalizer, the mean over samples of each sample's token mean (``normalizer`` defaults to the
+        number of samples). ``per_task``, if given, accumulates ``{task id: [Σ token losses, label
+        tokens]}`` of this rank's rows.
         """
-        if normalizer is None:
+        if reduction not in ("token", "sample"):
+            raise ValueError(f"reduction={reduction!r}: expected 'token' or 'sample'")
+        if normalizer is None and reduction == "sample":
+            normalizer = float(sum(len(b["labels"]) for b in batches))
+        elif normalizer is None:
             normalizer = float(sum(label_token_count(b["labels"]) for b in batches))
         normalizer = max(normalizer, 1.0)
         total = 0.0
         for batch in batches:
             with self.routing(batch):
                 rows, counts = self.loss_rows(batch)
-                loss_sum = rows.sum()
+                per_row = rows / counts.clamp(min=1) if reduction == "sample" else rows
+                loss_sum = per_row.sum()
                 (loss_sum / normalizer).backward()
             total += float(loss_sum.detach())
             if per_task is not None:

@@ -66,8 +66,17 @@ class MetaConfig:
     """Sample S and Q with replacement (allows pools smaller than |S|+|Q|; S and Q may then overlap)."""
     seed: int = 0
     """Seed of the episodic sampler."""
+    loss_reduction: str = "token"
+    """How L_S and L_Q reduce over a set: ``token`` (the token mean over the whole set, as HF's causal-LM
+    loss and LoRA-MT here do; our default, so that MeTA-LoRA and its baselines optimise the same loss) or
+    ``sample`` (the paper's L: the mean over samples of each sample's token mean, so short answers weigh
+    as much as long ones)."""
 
     def __post_init__(self) -> None:
+        if self.loss_reduction not in ("token", "sample"):
+            raise MetaConfigError(
+                f"meta.loss_reduction={self.loss_reduction!r}: expected 'token' or 'sample'"
+            )
         for name in ("n_tasks", "support_size", "query_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise MetaConfigError(f"meta.{name}={getattr(self, name)!r}: expected a positive integer")
@@ -101,11 +110,12 @@ def task_query_grad(
     support_loss = float("nan")
     for step in range(config.effective_inner_steps):
         engine.zero_grad()
-        loss = engine.backward(support_batches)  # ∇_θ L_S(θ_i)
+        loss = engine.backward(support_batches, reduction=config.loss_reduction)  # ∇_θ L_S(θ_i)
         support_loss = loss if step == 0 else support_loss
         engine.sgd_(config.inner_lr)  # θ_i ← θ_i − α ∇ L_S(θ_i)
     engine.zero_grad()
-    query_loss = engine.backward(micro_batches(query, pad_token_id, config.micro_batch_size))  # ∇ L_Q(θ_i)
+    query_batches = micro_batches(query, pad_token_id, config.micro_batch_size)
+    query_loss = engine.backward(query_batches, reduction=config.loss_reduction)  # ∇ L_Q(θ_i)
     grads = engine.grads()
     engine.zero_grad()
     if theta is not None:
