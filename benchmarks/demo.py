@@ -44,7 +44,7 @@ def markdown(result: dict[str, Any]) -> str:
     ev, c = result["eval"], result["counters"]
     line = (
         f"{c['samples']:,} samples, {c['tokens']:,} tokens, {c['optimizer_steps']} optimizer steps; "
-        f"{result['wall_s']:.0f} s end to end ({result['machine']['threads']} thread(s)); "
+        f"{result['wall_s']:.0f} s end to end ({result['machine']['threads']} thread); "
         f"{ev['limit']} held-out test items per task, split seed {ev['seed']}."
     )
     return line + "\n\n" + format_table(ev["after"], ev["base"]).replace("| adapted |", "| MeTA-LoRA |")
