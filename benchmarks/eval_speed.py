@@ -107,7 +107,9 @@ def main() -> None:
     if not args.markdown:
         rows = measure(args.limit)
         args.out.write_text(json.dumps({"rows": rows, "machine": machine()}, indent=2) + "\n")
-    print(table(json.loads(args.out.read_text())["rows"], COLUMNS))
+    rows = json.loads(args.out.read_text())["rows"]
+    shown = [{**r, "max_abs_ll_diff_vs_lm_eval": f"{r['max_abs_ll_diff_vs_lm_eval']:.1e}"} for r in rows]
+    print(table(shown, COLUMNS))
 
 
 if __name__ == "__main__":
