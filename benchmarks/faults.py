@@ -133,12 +133,29 @@ def kill_during_training(cmd: list[str], run_dir: Path, delay: float) -> bool:
     if alive:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_for_group_exit(proc.pid)  # torchrun's workers die a moment after the launcher
     return alive
+
+
+def _wait_for_group_exit(pgid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
 
 
 def in_checkpoint_write(run_dir: Path) -> bool:
     """A kill landed inside a checkpoint write if it left a partial checkpoint or a temporary file."""
-    return any(run_dir.rglob(".tmp-step-*")) or any(p.name.endswith(".tmp") for p in run_dir.rglob(".*"))
+    for _ in range(10):
+        try:
+            tmp_files = any(p.name.endswith(".tmp") for p in run_dir.rglob(".*"))
+            return any(run_dir.rglob(".tmp-step-*")) or tmp_files
+        except FileNotFoundError:  # a dying process removed a directory while it was scanned
+            time.sleep(0.1)
+    raise RuntimeError(f"{run_dir} kept changing after its run was killed")
 
 
 def outputs(run_dir: Path) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
