@@ -266,16 +266,7 @@ def main() -> None:
                 continue
             rows.append(trial_set(algorithm, processes, args.kills, args.work_dir, rng, args.steps))
             print(json.dumps(rows[-1]), flush=True)
-    cols = [
-        "algorithm",
-        "processes",
-        "trials",
-        "kills",
-        "in_checkpoint_write",
-        "identical",
-        "reference_train_s",
-    ]
-    print(table(rows, cols))
+    print(table(rows, COLUMNS))
     totals = {k: sum(r[k] for r in rows) for k in ("trials", "kills", "in_checkpoint_write", "identical")}
     print(f"total: {totals}")
     config = vars(args) | {"work_dir": str(args.work_dir), "out": str(args.out)}
