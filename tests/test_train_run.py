@@ -154,6 +154,13 @@ def test_reweight_recipe_runs_end_to_end(tmp_path):
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["reweight"]["val_ratio"] == 10 and resolved["data"]["val_task"]["name"] == "task1"
     assert (run_dir / "adapter" / "adapter.safetensors").is_file()
+    # the run records which examples formed the validation set: 6 of task1's dev split, no test item
+    from metalora.data import load_task
+
+    val_ids = json.loads((run_dir / "data.json").read_text())["validation_ids"]
+    task1 = load_task(recipe["data"]["val_task"], seed=0)
+    assert len(set(val_ids)) == 6 and set(val_ids) <= {e.id for e in task1.dev}
+    assert not set(val_ids) & {e.id for e in task1.test}
     with pytest.raises(RunConfigError, match="needs data.val_task"):
         resolve_config({**recipe, "data": {**recipe["data"], "val_task": None}})
 

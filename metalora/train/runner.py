@@ -15,6 +15,7 @@ into an existing directory resumes it. Each algorithm is one entry of ``ALGORITH
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,9 @@ def _run_lora_st(cfg: RunConfig, model: Any, tokenizer: Any, data: RunData, run_
 
 def _run_reweight(cfg: RunConfig, model: Any, tokenizer: Any, data: RunData, run_dir: RunDir) -> None:
     val_features = _validation_features(cfg, tokenizer, data.task_to_id, len(data.mixed))
+    if dist_utils.rank() == 0:  # which examples formed the validation set, beside the training pools
+        info = json.loads(run_dir.data.read_text(encoding="utf-8"))
+        atomic.write_json(run_dir.data, info | {"validation_ids": [f["sample_id"] for f in val_features]})
     train_reweight(model, data.mixed, val_features, cfg.reweight, cfg.train, run_dir.root, data.pad_token_id)
 
 
