@@ -18,6 +18,7 @@ crash or a concurrent process never leaves a half-written folder; later calls lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -231,6 +232,11 @@ class ModelNotFoundError(FileNotFoundError):
     """A model name that is no embedded default, no local directory and not in the local HF cache."""
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for local files only (huggingface_hub's truthy spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _not_found(name: str, error: OSError, local_files_only: bool) -> ModelNotFoundError:
     """One line for a model that is nowhere: a missing directory, or a name not in the local HF cache."""
     if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):
@@ -238,7 +244,8 @@ def _not_found(name: str, error: OSError, local_files_only: bool) -> ModelNotFou
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelNotFoundError(
         f"cannot load {name!r}: it is not an embedded default ({sorted(EMBEDDED)}), not a local directory, "
-        f"and not in the local HF cache (local_files_only={local_files_only}). transformers said: {first_line}"
+        f"and not in the local HF cache{' (offline: HF_HUB_OFFLINE is set)' if local_files_only else ''}. "
+        f"transformers said: {first_line}"
     )
 
 
@@ -247,9 +254,12 @@ def load_base(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     *,
-    local_files_only: bool = True,
+    local_files_only: bool | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer.
+    """Load a causal LM and its tokenizer, following Hugging Face's conventions.
 
     Args:
         name_or_path: an embedded default (``"smollm2-135m"``, ``"gemma3-270m"``; see the module
@@ -257,8 +267,12 @@ def load_base(
             a local HF model directory, or an HF hub name.
         dtype: the parameter dtype (``torch.float32`` by default; strings like ``"bf16"`` work too).
         device: where to put the model.
-        local_files_only: read only local files / the local HF cache (the default: these machines have
-            no hub access); set ``False`` to let transformers download a hub model.
+        local_files_only: read only local files and the local HF cache. ``None`` (the default) follows
+            ``HF_HUB_OFFLINE``: offline when it is set, else a hub model is downloaded (with ``HF_TOKEN``
+            for gated models, as huggingface_hub reads it).
+        trust_remote_code: run a hub repository's own modelling code; off unless asked for.
+        revision: a hub branch, tag or commit.
+        attn_implementation: ``eager``, ``sdpa`` or ``flash_attention_2`` (transformers' choice if None).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode. The tokenizer always has a pad token (the EOS
@@ -270,31 +284,35 @@ def load_base(
     name = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
     embedded = name in EMBEDDED
-    if embedded:
-        folder = str(convert_embedded(name))
-        local = True
-    else:
-        folder = name
-        local = local_files_only or Path(name).exists()
+    if local_files_only is None:
+        local_files_only = hub_offline()
+    folder = str(convert_embedded(name)) if embedded else name
+    local = embedded or local_files_only or Path(name).exists()
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    options = {
+        "dtype": torch_dtype,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+    }
     try:
-        if local:
-            with _offline():
-                tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
-        else:
-            tok = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        with _offline() if local else contextlib.nullcontext():
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=local, **common)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=local, **common, **options)
     except OSError as e:
         if embedded or Path(name).exists():
             raise
         raise _not_found(name, e, local_files_only) from None
+    return _ready(model, tok, name if embedded else None, device)
+
+
+def _ready(model: Any, tok: Any, embedded_name: str | None, device: str | torch.device) -> tuple[Any, Any]:
+    """A pad token on both, the embedded name recorded, on ``device``, in eval mode."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    if embedded:
-        model.config.name_or_path = name  # also sets config._name_or_path
-        model.name_or_path = name
+    if embedded_name is not None:
+        model.config.name_or_path = embedded_name  # also sets config._name_or_path
+        model.name_or_path = embedded_name
     model.to(device)
     model.eval()
     return model, tok

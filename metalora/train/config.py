@@ -3,8 +3,10 @@
     name: meta_lora              # run directory name under output_dir (default: the YAML file's stem)
     output_dir: runs
     algorithm: meta              # meta | lora_mt | lora_st | reweight
-    model: smollm2-135m          # load_base name or local path
+    model: smollm2-135m          # load_base name, local path or hub name (downloaded unless HF_HUB_OFFLINE)
     dtype: float32               # parameter dtype of the base model
+    model_kwargs: {revision: main, attn_implementation: sdpa}   # passed to from_pretrained
+    trust_remote_code: false     # a hub repository's own modelling code runs only when this is true
     adapter: {type: lora, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}
     data: DataConfig fields      # tasks is required
     meta: MetaConfig fields      # algorithm: meta
@@ -90,6 +92,9 @@ class DataConfig:
         return [TaskSpec.coerce(spec).name for spec in self.tasks]
 
 
+MODEL_KWARGS = ("revision", "attn_implementation")
+"""What ``model_kwargs`` may pass to ``load_base`` (and so to ``from_pretrained``)."""
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "meta": MetaConfig,
@@ -109,6 +114,8 @@ class RunConfig:
     algorithm: Algorithm = "meta"
     model: str = "smollm2-135m"
     dtype: str = "float32"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
     adapter: dict[str, Any] = field(
         default_factory=lambda: {
             "type": "lora",
@@ -123,6 +130,10 @@ class RunConfig:
     train: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.model_kwargs) - set(MODEL_KWARGS))
+        if unknown:
+            hint = " (the model's dtype is the top-level dtype key)" if "dtype" in unknown else ""
+            raise RunConfigError(f"model_kwargs: unknown key(s) {unknown}; known: {list(MODEL_KWARGS)}{hint}")
         kind = self.adapter.get("type", "lora")
         if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
             raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
@@ -263,7 +274,7 @@ def apply_override(config: dict[str, Any], item: str) -> None:
     top = {f.name for f in fields(RunConfig)}
     if parts[0] not in top:
         raise RunConfigError(f"override {item!r}: unknown key {parts[0]!r}; known: {sorted(top)}")
-    if len(parts) > 1 and parts[0] not in (*SECTIONS, "adapter"):
+    if len(parts) > 1 and parts[0] not in (*SECTIONS, "adapter", "model_kwargs"):
         raise RunConfigError(f"override {item!r}: {parts[0]!r} is not a config section")
     node = config
     for part in parts[:-1]:
