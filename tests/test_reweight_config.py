@@ -129,7 +129,9 @@ def test_yaml_strings_in_float_fields_become_floats():
     assert config.weights.delta == 1e-4 and isinstance(config.weights.delta, float)
     with pytest.warns(FutureWarning):
         assert ReweightConfig.from_dict({"delta": "2e-3"}).weights.delta == 2e-3
-    with pytest.raises(ReweightConfigError, match=r"reweight\.weights\.delta='small': expected a finite number"):
+    with pytest.raises(
+        ReweightConfigError, match=r"reweight\.weights\.delta='small': expected a finite number"
+    ):
         ReweightConfig.from_dict({"weights": {"delta": "small"}})
     with pytest.raises(ReweightConfigError, match=r"reweight\.batch_size='8'"):  # int fields are not coerced
         ReweightConfig.from_dict({"batch_size": "8"})

@@ -7,6 +7,7 @@ Oracles: a scan of every Python file of the repository's source trees (the call'
 from __future__ import annotations
 
 import ast
+import inspect
 import io
 import tarfile
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 
 from metalora.data import MetaloraDataError, load_task
 from metalora.data.fetch_bbh import unpack_task_files
+from metalora.models import load_base
+from metalora.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_TREES = ("metalora", "benchmarks", "tests", "scripts")
@@ -46,7 +49,8 @@ def _keyword(call: ast.Call, name: str) -> object:
 
 def test_no_pickle_and_no_remote_code_anywhere():
     """``torch.load`` only with ``weights_only=True``; no ``pickle``/``numpy.load(allow_pickle=True)``/
-    ``yaml.load``; ``trust_remote_code`` never passed as anything but False. Shown to fail on a planted
+    ``yaml.load``; ``trust_remote_code`` never passed as a literal True, and where it is passed on, it comes
+    from the run config or ``load_base``'s own parameter, both False unless set. Shown to fail on a planted
     ``torch.load(path)`` in a test file."""
     bad = []
     for where, call in _calls():
@@ -60,9 +64,25 @@ def test_no_pickle_and_no_remote_code_anywhere():
             bad.append(f"{where}: {name}")
         if _keyword(call, "allow_pickle") not in (None, False):
             bad.append(f"{where}: allow_pickle")
-        if _keyword(call, "trust_remote_code") not in (None, False):
+        remote = _keyword(call, "trust_remote_code")
+        if remote not in (None, False) and not _passes_on_the_setting(call):
             bad.append(f"{where}: trust_remote_code")
     assert not bad, bad
+    assert inspect.signature(load_base).parameters["trust_remote_code"].default is False
+    assert RunConfig.__dataclass_fields__["trust_remote_code"].default is False
+
+
+def _passes_on_the_setting(call: ast.Call) -> bool:
+    """``trust_remote_code=cfg.trust_remote_code`` (the run config's key) or ``=trust_remote_code`` (a
+    parameter passed on); a literal True or any other expression is not allowed."""
+    value = next(kw.value for kw in call.keywords if kw.arg == "trust_remote_code")
+    if isinstance(value, ast.Attribute):
+        return (
+            value.attr == "trust_remote_code"
+            and isinstance(value.value, ast.Name)
+            and value.value.id == "cfg"
+        )
+    return isinstance(value, ast.Name) and value.id == "trust_remote_code"
 
 
 def _tar_with(tmp_path: Path, members: dict[str, bytes]) -> Path:
