@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# MTL-LoRA's Table 2 at our scale (issue 19 item 2): seven methods on the eight commonsense tasks,
+# SmolLM2-135M, matched parameter budgets, 80 steps x 8 samples each, 2 seeds, 100 test items per task.
+# Resumable: run it again after an interruption. Results: runs/studies/mtl_table2/compare.{json,md}, plots/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+D=configs/studies/mtl_table2
+metalora compare $D/lora_mt.yaml $D/mtl_lora.yaml $D/hydra_lora.yaml $D/moelora.yaml $D/multilora.yaml \
+  $D/dora.yaml $D/lora_st.yaml \
+  --seeds "${SEEDS:-0,1}" --jobs "${JOBS:-2}" --limit 100 --reference lora_mt \
+  --out "${OUT:-runs/studies/mtl_table2}" "$@"
