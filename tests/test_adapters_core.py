@@ -16,6 +16,7 @@ CONFIGS = {
     "dora": lambda: ml.LoRAConfig(r=4, use_dora=True),
     "mtl_lora": lambda: ml.MTLLoRAConfig(r=4, num_tasks=3),
     "mtl_lora_diag": lambda: ml.MTLLoRAConfig(r=4, num_tasks=3, lambda_form="diagonal"),
+    "mtl_lora_none": lambda: ml.MTLLoRAConfig(r=4, num_tasks=3, lambda_form="none"),
     "hydra_lora": lambda: ml.HydraLoRAConfig(r=4, num_heads=3),
     "multilora": lambda: ml.MultiLoRAConfig(r=4, num_parallel=2),
     "moelora": lambda: ml.MoELoRAConfig(r=4, num_tasks=3, num_experts=2),

@@ -19,6 +19,7 @@ CONFIGS = {
     "dora": lambda: ml.LoRAConfig(r=4, use_dora=True),
     "mtl_lora": lambda: ml.MTLLoRAConfig(r=4, task_names=NAMES),
     "mtl_lora_diag": lambda: ml.MTLLoRAConfig(r=4, task_names=NAMES, lambda_form="diagonal"),
+    "mtl_lora_none": lambda: ml.MTLLoRAConfig(r=4, task_names=NAMES, lambda_form="none"),
     "hydra_lora": lambda: ml.HydraLoRAConfig(r=4),
     "multilora": lambda: ml.MultiLoRAConfig(r=2, num_parallel=3),
     "moelora": lambda: ml.MoELoRAConfig(r=4, task_names=NAMES, num_experts=2),

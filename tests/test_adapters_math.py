@@ -16,7 +16,7 @@ from metalora.testing import VOCAB, randomize_adapter, tiny_model
 
 
 def _reference_mtl(
-    layer: MTLLoRALayer, x: torch.Tensor, ids: torch.Tensor, tau: float, scale: float, diagonal: bool
+    layer: MTLLoRALayer, x: torch.Tensor, ids: torch.Tensor, tau: float, scale: float, form: str
 ) -> torch.Tensor:
     """Eq. 4 sample by sample in float64: W x + (α/r) Σ_i softmax(w_t/τ)_i B^i Λ_t A x.
 
@@ -28,8 +28,11 @@ def _reference_mtl(
     outs = []
     for b in range(x.shape[0]):
         t = int(ids[b])
-        lam = layer.lora_lambda[t].to(d)
-        lam = torch.diag(lam) if diagonal else lam
+        if form == "none":  # the ablation: Λ_t = I (typed here; the layer must hold no Λ)
+            lam = torch.eye(A.shape[0], dtype=d)
+        else:
+            lam = layer.lora_lambda[t].to(d)
+            lam = torch.diag(lam) if form == "diagonal" else lam
         s = torch.softmax(w[t] / tau, dim=0)
         xb = x[b].to(d)  # [L, in]
         h = xb @ W.T + (0 if bias is None else bias.to(d))
@@ -38,7 +41,7 @@ def _reference_mtl(
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("lambda_form", ["full", "diagonal"])
+@pytest.mark.parametrize("lambda_form", ["full", "diagonal", "none"])
 def test_mtl_lora_layer_equals_float64_eq4_with_random_parameters(lambda_form):
     """Oracle: Eq. 4 in float64 with τ = 0.7 and α/r = 12/4 = 3 typed here, not read back from the layer.
 
@@ -54,7 +57,7 @@ def test_mtl_lora_layer_equals_float64_eq4_with_random_parameters(lambda_form):
     ids = torch.tensor([2, 0, 2, 1])
     with torch.no_grad(), ml.task_ids(model, ids):
         got = layer(x)
-    expected = _reference_mtl(layer, x, ids, tau=0.7, scale=12.0 / 4, diagonal=lambda_form == "diagonal")
+    expected = _reference_mtl(layer, x, ids, tau=0.7, scale=12.0 / 4, form=lambda_form)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -160,3 +163,25 @@ def test_mixed_task_batch_equals_per_sample_runs(config):
     with torch.no_grad(), ml.task_ids(model, [1]):
         other = model(x[:1]).logits
     assert not torch.allclose(other, mixed[:1], atol=1e-4)
+
+
+def test_mtl_lora_without_lambda_learns_no_task_transform():
+    """Table 5's "w/o Λ_t": the ablation has exactly T·r² fewer trainable parameters per layer than the full
+    form (hand count: 3 tasks × 4² = 48 per adapted layer), and with every Λ_t of the full form set to I
+    both give the same outputs."""
+    full = ml.add_adapter(tiny_model("llama"), ml.MTLLoRAConfig(r=4, num_tasks=3), seed=0)
+    none = ml.add_adapter(tiny_model("llama"), ml.MTLLoRAConfig(r=4, num_tasks=3, lambda_form="none"), seed=0)
+    layers = len(adapter_layers(full))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+    assert count(full) - count(none) == layers * 3 * 4 * 4
+    randomize_adapter(none, scale=0.5)
+    with torch.no_grad():
+        state = {k: v for k, v in none.state_dict().items() if "lora_" in k}
+        full.load_state_dict(state, strict=False)  # Λ_t stays the identity it was initialised to
+    x = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 2, 1])
+    with torch.no_grad(), ml.task_ids(full, ids), ml.task_ids(none, ids):
+        torch.testing.assert_close(none(x).logits, full(x).logits, rtol=0, atol=1e-6)

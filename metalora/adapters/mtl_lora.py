@@ -6,7 +6,8 @@ For a sample of task t:
 
 * A ∈ R^{r×in}: shared down-projection, kaiming-uniform init;
 * Λ_t ∈ R^{r×r}: task-specific transform, identity init (``lambda_form="diagonal"`` keeps only its
-  diagonal, ones init);
+  diagonal, ones init; ``lambda_form="none"`` fixes Λ_t = I with no parameter: the paper's Table 5
+  ablation "w/o Λ_t", where tasks differ only by their mixing weights softmax(w_t/τ));
 * B^i ∈ R^{out×r}, i = 1..n: shared up-projections, zero init (so the model starts as the base);
 * w_t ∈ R^n: per-task mixing logits, kaiming-uniform init as in the official code; τ: temperature.
 
@@ -39,6 +40,9 @@ from metalora.adapters.base import (
 )
 
 
+LAMBDA_FORMS = ("full", "diagonal", "none")
+
+
 @dataclass
 class MTLLoRAConfig(TaskRoutedConfig):
     """MTL-LoRA: task-specific Λ_t and n softmax-mixed up-projections."""
@@ -48,7 +52,7 @@ class MTLLoRAConfig(TaskRoutedConfig):
     temperature: float = 0.1
     """τ of softmax(w_t / τ)."""
     lambda_form: str = "full"
-    """``"full"`` r×r Λ_t, or ``"diagonal"``."""
+    """``"full"`` r×r Λ_t, ``"diagonal"``, or ``"none"`` (Λ_t = I, not learned: Table 5's ablation)."""
 
     adapter_type: ClassVar[str] = "mtl_lora"
 
@@ -56,7 +60,9 @@ class MTLLoRAConfig(TaskRoutedConfig):
         super().__post_init__()
         _check(self, "num_up", positive_int(self.num_up), "a positive integer")
         _check(self, "temperature", positive_number(self.temperature), "a positive number")
-        _check(self, "lambda_form", self.lambda_form in ("full", "diagonal"), "'full' or 'diagonal'")
+        _check(
+            self, "lambda_form", self.lambda_form in LAMBDA_FORMS, "'full', 'diagonal' or 'none'"
+        )
 
 
 class MTLLoRALayer(AdapterLayer):
@@ -66,12 +72,14 @@ class MTLLoRALayer(AdapterLayer):
         self.temperature = float(config.temperature)
         self.diagonal = config.lambda_form == "diagonal"
         self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, **self.factory)))
-        lam = (
-            torch.ones(t, r, **self.factory)
-            if self.diagonal
-            else torch.eye(r, **self.factory).repeat(t, 1, 1)
-        )
-        self.lora_lambda = nn.Parameter(lam)  # [T, r] or [T, r, r]
+        self.lora_lambda: nn.Parameter | None = None  # lambda_form "none": Λ_t = I, nothing to learn
+        if config.lambda_form != "none":
+            lam = (
+                torch.ones(t, r, **self.factory)
+                if self.diagonal
+                else torch.eye(r, **self.factory).repeat(t, 1, 1)
+            )
+            self.lora_lambda = nn.Parameter(lam)  # [T, r] or [T, r, r]
         self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, r, **self.factory))
         self.lora_mix_logits = nn.Parameter(kaiming_uniform_(torch.empty(t, n, **self.factory)))
 
@@ -83,8 +91,9 @@ class MTLLoRALayer(AdapterLayer):
         ids = self.task_ids_for(x)  # [B]
         seq, lead = as_sequence(x)  # [B, L, in]
         z = seq @ self.lora_A.T  # [B, L, r]
-        lam = self.lora_lambda[ids]  # [B, r] or [B, r, r]
-        z = z * lam.unsqueeze(1) if self.diagonal else torch.einsum("blr,bsr->bls", z, lam)  # Λ_t z
+        if self.lora_lambda is not None:
+            lam = self.lora_lambda[ids]  # [B, r] or [B, r, r]
+            z = z * lam.unsqueeze(1) if self.diagonal else torch.einsum("blr,bsr->bls", z, lam)  # Λ_t z
         z = self.bottleneck(z)
         up = self.task_up_projections()[ids]  # [B, out, r]: U_t = Σ_i s_ti B^i, gathered per sample
         out = torch.bmm(z, up.transpose(1, 2))  # [B, L, out]
@@ -104,6 +113,8 @@ class MTLLoRALayer(AdapterLayer):
                 "MTL-LoRA has task-specific parameters: pass task= (a task id or name) to merge or export"
             )
         b_mix = self.task_up_projections()[task]  # Σ_i s_ti B^i
+        if self.lora_lambda is None:
+            return self.lora_A, b_mix, self.scaling
         lam = self.lora_lambda[task]
         b_t = b_mix * lam if self.diagonal else b_mix @ lam  # B_t = (Σ_i s_ti B^i) Λ_t
         return self.lora_A, b_t, self.scaling
