@@ -39,7 +39,6 @@ from metalora.adapters.base import (
     positive_number,
 )
 
-
 LAMBDA_FORMS = ("full", "diagonal", "none")
 
 
@@ -60,9 +59,7 @@ class MTLLoRAConfig(TaskRoutedConfig):
         super().__post_init__()
         _check(self, "num_up", positive_int(self.num_up), "a positive integer")
         _check(self, "temperature", positive_number(self.temperature), "a positive number")
-        _check(
-            self, "lambda_form", self.lambda_form in LAMBDA_FORMS, "'full', 'diagonal' or 'none'"
-        )
+        _check(self, "lambda_form", self.lambda_form in LAMBDA_FORMS, "'full', 'diagonal' or 'none'")
 
 
 class MTLLoRALayer(AdapterLayer):
