@@ -29,7 +29,7 @@ from torch import nn
 
 from metalora.rundir import RunDir
 from metalora.train import distributed as dist_utils
-from metalora.train.batching import Feature, count_tokens, micro_batches
+from metalora.train.batching import Feature, count_tokens, length_grouped_order, micro_batches
 from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, StepOutput
 from metalora.train.loss import count_label_tokens
@@ -57,6 +57,10 @@ class MultitaskConfig:
     protocol: str | None = None
     """``few_shot``: the paper's few-shot LoRA protocol, epochs from data.examples_per_task (the runner
     applies it); None: ``epochs`` / ``train.max_steps`` as given."""
+    group_by_length: bool = False
+    """Batches of similar lengths (HF ``Trainer``'s option of the same name; ``batching.length_grouped_order``):
+    less padding, the same samples per epoch, other batch compositions, so off by default (results stay
+    those of the plain shuffle)."""
 
     def __post_init__(self) -> None:
         if self.protocol not in (None, "few_shot"):
@@ -91,19 +95,28 @@ def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
 
 class EpochBatches:
     """Global batches from a list of features: a fresh seeded permutation every epoch, batches wrap
-    across epoch boundaries (every batch is full). Identical on every rank; stateful for exact resume."""
+    across epoch boundaries (every batch is full). Identical on every rank; stateful for exact resume.
+    ``group_by_length``: each epoch's permutation regrouped by ``length_grouped_order``."""
 
-    def __init__(self, features: Sequence[Feature], batch_size: int, seed: int) -> None:
+    def __init__(
+        self, features: Sequence[Feature], batch_size: int, seed: int, group_by_length: bool = False
+    ) -> None:
         if not features:
             raise MultitaskConfigError("no training features")
         self.features = list(features)
         self.batch_size = batch_size
         self.seed = int(seed)
+        self.group_by_length = bool(group_by_length)
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.features)).tolist()
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.features)).tolist()
+        if not self.group_by_length:
+            return order
+        lengths = [len(f["input_ids"]) for f in self.features]
+        return length_grouped_order(order, lengths, self.batch_size, rng)
 
     def sample(self) -> list[Feature]:
         batch = []
@@ -123,14 +136,16 @@ class EpochBatches:
             "size": len(self.features),
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "group_by_length": self.group_by_length,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = (len(self.features), self.seed, self.batch_size)
-        if (state["size"], state["seed"], state["batch_size"]) != mine:
+        mine = (len(self.features), self.seed, self.batch_size, self.group_by_length)
+        saved = (state["size"], state["seed"], state["batch_size"], state.get("group_by_length", False))
+        if saved != mine:
             raise MultitaskConfigError(
-                f"batch state was saved for (size, seed, batch_size)="
-                f"{(state['size'], state['seed'], state['batch_size'])}, this run has {mine}"
+                f"batch state was saved for (size, seed, batch_size, group_by_length)={saved}, "
+                f"this run has {mine}"
             )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
@@ -148,7 +163,10 @@ def multitask_step(
     With ``task_names`` (task id → name) the step also reports ``loss/<task>``: the mean token loss of each
     task's rows in the batch (summed over ranks), so mixed-task runs get per-task loss curves."""
     label_tokens = count_label_tokens(batch)  # global N_B: every rank holds the whole batch
-    local = micro_batches(dist_utils.shard(batch), pad_token_id, config.micro_batch_size)
+    share = dist_utils.shard(batch)
+    if config.group_by_length:  # micro-batches of similar lengths; the summed gradient is the same
+        share = sorted(share, key=lambda f: -len(f["input_ids"]))
+    local = micro_batches(share, pad_token_id, config.micro_batch_size)
     per_task: dict[int, list[float]] = {}
     loss = engine.backward(local, normalizer=float(max(label_tokens, 1)), per_task=per_task) if local else 0.0
     engine.sync_grads_()
@@ -181,7 +199,7 @@ def train_multitask(
     if config.epochs is not None:
         engine_config.max_steps = steps_for_epochs(len(features), config.batch_size, config.epochs)
     engine = Engine(model, engine_config, run_dir)
-    batches = EpochBatches(features, config.batch_size, config.seed)
+    batches = EpochBatches(features, config.batch_size, config.seed, config.group_by_length)
 
     def step(_: int) -> StepOutput:
         return multitask_step(engine, batches.sample(), config, pad_token_id, task_names)
