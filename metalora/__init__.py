@@ -7,9 +7,14 @@ an optional package only imports it when used.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by PEFT when installed) warns at import on CPUs with AVX512-BF16 that it could not
+# fetch an optional kernel from the hub; it falls back to its own kernel, so the line is noise here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _PUBLIC: dict[str, str] = {
     # adapters
