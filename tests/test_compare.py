@@ -149,3 +149,37 @@ def test_a_stored_run_made_with_other_settings_is_not_reused(tmp_path):
     run_study(Study([str(lora)], tmp_path / "c", seeds=[0], overrides=["train.max_steps=1"], limit=2))
     with pytest.raises(ValueError, match=r"lora-s0\.json was made with other settings"):
         run_study(Study([str(lora)], tmp_path / "c", seeds=[0], overrides=["train.max_steps=2"], limit=2))
+
+
+def test_base_row_scores_the_untrained_model_on_the_same_items(tmp_path):
+    """``--base``: the base model's scores equal ``evaluate_tasks`` on the untrained model (the oracle),
+    on the same items as the recipe's runs; it has no parameters or cost, and can be the reference."""
+    lora, _ = _recipes(tmp_path)
+    out = tmp_path / "cmp"
+    argv = ["compare", str(lora), "--seeds", "0", "--out", str(out), "--base", "--reference", "base"]
+    assert main([*argv, "--limit", "12", "--resamples", "200", "train.max_steps=1"]) == 0
+    base = json.loads((out / "results" / "base.json").read_text())
+    run = json.loads((out / "results" / "lora-s0.json").read_text())
+    tasks = [load_task(s, seed=0) for s in yaml.safe_load(lora.read_text())["data"]["tasks"]]
+    from metalora.models import load_base
+
+    model, tok = load_base(tmp_path / "base")
+    with torch.no_grad():
+        expected = evaluate_tasks(model.eval(), tok, tasks, split="test", limit=12, progress=False)
+    for task in ("mc0", "mc1"):
+        assert base["scores"][task]["acc"] == expected[task]["acc"]
+        assert base["scores"][task]["items"]["ids"] == run["scores"][task]["items"]["ids"]
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    assert summary["recipes"]["base"]["trainable_params"] == 0
+    assert set(summary["versus_reference"]) == {"lora"}
+    assert "| base | 1 | - |" in (out / "compare.md").read_text()
+
+
+def test_base_row_needs_one_base_model(tmp_path, capsys):
+    lora, _ = _recipes(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        yaml.safe_dump({**yaml.safe_load(lora.read_text()), "model": str(tmp_path / "elsewhere")})
+    )
+    assert main(["compare", str(lora), str(other), "--base", "--out", str(tmp_path / "c")]) == 2
+    assert "--base needs one base model" in capsys.readouterr().err

@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="tasks to score, as for eval (default: each recipe's own)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--reference", default=None, help="the recipe (file stem) the others are tested against")
+    p.add_argument("--base", action="store_true", help="also score the untrained base model (recipe 'base')")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (default 1)")
     p.add_argument("--lr-grid", default=None, help="comma-separated rates; each recipe's best on dev is used")
     p.add_argument("--split", default="test", choices=["dev", "test"])

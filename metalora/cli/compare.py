@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> None:
         jobs=args.jobs,
         lr_grid=[float(x) for x in args.lr_grid.split(",")] if args.lr_grid else None,
         reference=args.reference,
+        base=args.base,
     )
     summary = compare(study, resamples=args.resamples)
     print(markdown(summary))

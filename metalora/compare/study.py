@@ -9,6 +9,9 @@ interrupted midway resumes from its checkpoint, so ``metalora compare`` can be s
 
 ``--lr-grid``: before the seeds, each recipe is trained once per rate (seed of the first run) and
 scored on the *dev* split; the best macro-average primary metric picks the rate (``DIR/tune/``).
+
+``--base``: the untrained base model is scored once on the same items (``DIR/results/base.json``, recipe
+``base``, no trainable parameters), so the tables answer "does it beat the model I started from?" too.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ import torch
 from safetensors import safe_open
 
 from metalora import atomic
+from metalora.data import load_task
 from metalora.eval.targets import EvalSettings, eval_tasks_for, evaluate_adapted
 from metalora.rundir import RunDir
 from metalora.train.config import RunConfig
 from metalora.train.runner import run as train_run
 
 SEED_KEYS = ("train.seed", "meta.seed", "multitask.seed", "data.pool_seed")
+BASE = "base"
+"""The recipe name of the untrained base model (``--base``)."""
 
 
 @dataclass
@@ -49,13 +55,19 @@ class Study:
     jobs: int = 1
     lr_grid: list[float] | None = None
     reference: str | None = None
+    base: bool = False
+    """Also score the recipes' (common) base model, untrained, as the recipe ``base``."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         names = [recipe_name(r) for r in self.recipes]
         if len(set(names)) != len(names):
             raise ValueError(f"two recipes share a name: {names}; give each recipe file its own name")
-        if self.reference is not None and self.reference not in names:
+        if self.base and BASE in names:
+            raise ValueError(
+                f"a recipe is named {BASE!r}, the name --base gives the untrained model; rename it"
+            )
+        if self.reference is not None and self.reference not in names + ([BASE] if self.base else []):
             raise ValueError(f"--reference {self.reference!r} is not one of the recipes {names}")
         if self.jobs < 1:
             raise ValueError(f"--jobs {self.jobs}: expected 1 or more")
@@ -81,6 +93,8 @@ class Job:
     result: Path
     tasks: str | None
     settings: EvalSettings
+    base: bool = False
+    """Score the recipe's base model untrained (no run directory, no training)."""
 
 
 def make_job(study: Study, recipe: str, seed: int, extra: list[str], where: str, split: str) -> Job:
@@ -95,16 +109,62 @@ def make_job(study: Study, recipe: str, seed: int, extra: list[str], where: str,
     return Job(recipe, seed, overrides, study.out / where / name, result, study.tasks, settings)
 
 
+def base_job(study: Study) -> Job:
+    """The untrained base model of the recipes, scored like every run (``--base``)."""
+    configs = [RunConfig.from_yaml(r, study.overrides) for r in study.recipes]
+    models = {(c.model, c.data.seed, json.dumps(c.data.tasks, sort_keys=True)) for c in configs}
+    if len(models) != 1:
+        raise ValueError(
+            "--base needs one base model and one set of test items: the recipes differ in model, "
+            f"data.seed or data.tasks ({sorted(m[0] for m in models)})"
+        )
+    job = make_job(study, study.recipes[0], 0, [], "runs", study.split)
+    result = study.out / "results" / f"{BASE}.json"
+    return Job(job.recipe, 0, job.overrides, job.run_dir, result, study.tasks, job.settings, base=True)
+
+
+def _stored(job: Job) -> dict[str, Any] | None:
+    if not job.result.is_file():
+        return None
+    stored = json.loads(job.result.read_text())
+    if stored["overrides"] != job.overrides:
+        raise ValueError(
+            f"{job.result} was made with other settings ({stored['overrides']}); this study asks for "
+            f"{job.overrides}: give the study another --out, or remove that file to redo the run"
+        )
+    return stored
+
+
+def score_base(job: Job) -> dict[str, Any]:
+    """The base model's scores on the study's items, as a result record with zero training cost."""
+    config = RunConfig.from_yaml(job.recipe, job.overrides)
+    if job.tasks is None:
+        tasks = [load_task(spec, seed=config.data.seed) for spec in config.data.tasks]
+    else:
+        tasks = eval_tasks_for(config.model, job.tasks, config.data.seed)[0]
+    scores, _ = evaluate_adapted(config.model, tasks, job.settings)
+    result = {
+        "recipe": BASE,
+        "seed": 0,
+        "overrides": job.overrides,
+        "lr": 0.0,
+        "split": job.settings.split,
+        "scores": scores,
+        "trainable_params": 0,
+        "counters": dict.fromkeys(("optimizer_steps", "samples", "tokens", "wall_time_s"), 0.0),
+        "losses": [],
+    }
+    atomic.write_json(job.result, result)
+    return result
+
+
 def run_job(job: Job) -> dict[str, Any]:
     """Train (resuming) and score one run; its result JSON is written once, at the end."""
-    if job.result.is_file():
-        stored = json.loads(job.result.read_text())
-        if stored["overrides"] != job.overrides:
-            raise ValueError(
-                f"{job.result} was made with other settings ({stored['overrides']}); this study asks for "
-                f"{job.overrides}: give the study another --out, or remove that file to redo the run"
-            )
+    stored = _stored(job)
+    if stored is not None:
         return stored
+    if job.base:
+        return score_base(job)
     config = RunConfig.from_yaml(job.recipe, job.overrides)
     run_dir = RunDir(train_run(config))
     tasks, _ = eval_tasks_for(run_dir.root, job.tasks, config.data.seed)
@@ -149,7 +209,7 @@ def run_study(study: Study) -> list[dict[str, Any]]:
         for recipe in study.recipes
         for seed in study.seeds
     ]
-    return run_jobs(jobs, study.jobs)
+    return run_jobs(([base_job(study)] if study.base else []) + jobs, study.jobs)
 
 
 def tune_rates(study: Study) -> dict[str, float]:

@@ -102,10 +102,9 @@ def markdown(summary: dict[str, Any]) -> str:
     for name, row in rows.items():
         costs = row["costs"]
         cells = [_pm(row["tasks"][t]) for t in tasks]
+        lr = "-" if row["trainable_params"] == 0 and row["lr"] == 0 else f"{row['lr']:g}"  # the base row
         lines.append(
-            f"| {name} | {len(row['seeds'])} | {row['lr']:g} | "
-            + " | ".join(cells)
-            + f" | **{_pm(row['macro'])}** | "
+            f"| {name} | {len(row['seeds'])} | {lr} | " + " | ".join(cells) + f" | **{_pm(row['macro'])}** | "
             f"{row['trainable_params']:,} | {costs['optimizer_steps']:.0f} | {costs['samples']:.0f} | "
             f"{costs['tokens']:.0f} | {costs['wall_time_s']:.0f} |"
         )

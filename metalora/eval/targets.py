@@ -57,7 +57,7 @@ def load_eval_target(target: str | Path, base: str | None = None) -> tuple[nn.Mo
             raise ValueError(f"{path}/{PEFT_CONFIG} names no base_model_name_or_path; pass --base")
         model, tok = load_base(base_name)
         return peft.PeftModel.from_pretrained(model, str(path)).eval(), tok, "peft"
-    if path.exists():
+    if path.exists() and not _is_model_folder(path):
         directory = adapter_dir(path)
         model, tok = load_base(base or read_adapter_record(directory).get("base_model"))
         return load_adapter(model, directory).eval(), tok, "metalora"
@@ -65,12 +65,17 @@ def load_eval_target(target: str | Path, base: str | None = None) -> tuple[nn.Mo
     return model.eval(), tok, "base"
 
 
+def _is_model_folder(path: Path) -> bool:
+    """A local Hugging Face model folder (its ``config.json``), i.e. a base model given by path."""
+    return (path / "config.json").is_file()
+
+
 def base_name_of(target: str | Path) -> str:
     """The base model a target was trained from (the target itself for a base model name)."""
     path = Path(target)
     if (path / PEFT_CONFIG).is_file():
         return json.loads((path / PEFT_CONFIG).read_text())["base_model_name_or_path"]
-    if path.exists():
+    if path.exists() and not _is_model_folder(path):
         per_task = task_adapters(path)
         return read_adapter_record(next(iter(per_task.values()), None) or adapter_dir(path))["base_model"]
     return str(target)
