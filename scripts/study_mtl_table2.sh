@@ -10,5 +10,5 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 D=configs/studies/mtl_table2
 metalora compare $D/lora_mt.yaml $D/mtl_lora.yaml $D/hydra_lora.yaml $D/moelora.yaml $D/multilora.yaml \
   $D/dora.yaml $D/lora_st.yaml $D/r_lora.yaml $D/full_ft.yaml $D/mtl_lora_no_lambda.yaml $D/mtl_lora_tau1.yaml $D/mtl_lora_n1.yaml \
-  --seeds "${SEEDS:-0,1}" --jobs "${JOBS:-2}" --limit 100 --reference lora_mt \
+  --seeds "${SEEDS:-0,1}" --jobs "${JOBS:-2}" --limit 100 --reference lora_mt --base \
   --out "${OUT:-runs/studies/mtl_table2}" "$@"
