@@ -14,6 +14,19 @@ is that of the quantized checkpoint, not of the original bf16 release. The first
 once into an HF folder (safetensors + tokenizer) under ``$METALORA_CACHE/models/<name>`` (default
 ``~/.cache/metalora/models/<name>``), written to a temporary directory and renamed into place so that a
 crash or a concurrent process never leaves a half-written folder; later calls load that folder (~1 s).
+
+**QLoRA** (``quantization="nf4"`` or ``"int8"``): the base is loaded through transformers'
+``BitsAndBytesConfig`` (``bitsandbytes``, the ``qlora`` extra), so its linear layers (not the embeddings,
+norms or output head) become ``bitsandbytes.nn.Linear4bit`` (NF4 with double quantization, as in the
+QLoRA paper, computing in ``dtype``) or ``Linear8bitLt`` (LLM.int8()). It is then prepared for k-bit
+training as PEFT's ``prepare_model_for_kbit_training`` does, without its gradient checkpointing (the
+run's ``train.gradient_checkpointing`` decides that): every parameter frozen, half-precision parameters
+outside the quantized layers (norms, embeddings, head) cast to fp32 for stable training (the adapter
+makes the embedding output require grad itself). bitsandbytes' in-place CPU repacking of 4-bit weights,
+which stops gradients at the layer once an evaluation has run, is switched off
+(``metalora/adapters/quantized.py``). Both kinds run forward and backward on CPU with bitsandbytes 0.50.2;
+int8 then computes in fp16 in eval mode (LLM.int8() also quantizes the activations), and its training
+forward dequantizes the weight.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from metalora.adapters.quantized import QUANTIZATIONS, keep_trainable_layout
 
 CONVERSION_VERSION = 1  # bump to invalidate cached conversions
 
@@ -258,6 +273,7 @@ def load_base(
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    quantization: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, following Hugging Face's conventions.
 
@@ -273,6 +289,9 @@ def load_base(
         trust_remote_code: run a hub repository's own modelling code; off unless asked for.
         revision: a hub branch, tag or commit.
         attn_implementation: ``eager``, ``sdpa`` or ``flash_attention_2`` (transformers' choice if None).
+        quantization: ``"nf4"`` (4-bit NormalFloat, double quantization, computing in ``dtype``) or
+            ``"int8"``: a QLoRA base through bitsandbytes, frozen and prepared for k-bit training (module
+            docstring); ``None`` (default) loads it unquantized.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode. The tokenizer always has a pad token (the EOS
@@ -292,6 +311,7 @@ def load_base(
     options = {
         "dtype": torch_dtype,
         **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+        **_quantization_options(quantization, torch_dtype, device),
     }
     try:
         with _offline() if local else contextlib.nullcontext():
@@ -301,11 +321,56 @@ def load_base(
         if embedded or Path(name).exists():
             raise
         raise _not_found(name, e, local_files_only) from None
-    return _ready(model, tok, name if embedded else None, device)
+    if quantization is not None:
+        _prepare_for_kbit_training(model)
+    return _ready(model, tok, name if embedded else None, None if quantization else device)
 
 
-def _ready(model: Any, tok: Any, embedded_name: str | None, device: str | torch.device) -> tuple[Any, Any]:
-    """A pad token on both, the embedded name recorded, on ``device``, in eval mode."""
+def _quantization_options(
+    quantization: str | None, dtype: torch.dtype, device: str | torch.device
+) -> dict[str, Any]:
+    """``from_pretrained``'s options for a bitsandbytes base: its ``quantization_config`` and a device map
+    that loads it on ``device`` (a quantized model is placed while it loads, not moved afterwards)."""
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: expected one of {list(QUANTIZATIONS)} or None")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"quantization={quantization!r} computes in float32, bfloat16 or float16, not {dtype}"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelNotAvailableError(
+            f"quantization={quantization!r} needs bitsandbytes; install it with: pip install 'metalora[qlora]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": str(torch.device(device))}}
+
+
+def _prepare_for_kbit_training(model: Any) -> None:
+    """PEFT's ``prepare_model_for_kbit_training`` without gradient checkpointing (the module docstring),
+    and bitsandbytes' CPU repacking switched off."""
+    from peft import prepare_model_for_kbit_training  # peft's import is heavy; only a quantized base needs it
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    keep_trainable_layout(model)
+
+
+def _ready(
+    model: Any, tok: Any, embedded_name: str | None, device: str | torch.device | None
+) -> tuple[Any, Any]:
+    """A pad token on both, the embedded name recorded, on ``device`` (None: where it was loaded), in eval
+    mode."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:
@@ -313,6 +378,7 @@ def _ready(model: Any, tok: Any, embedded_name: str | None, device: str | torch.
     if embedded_name is not None:
         model.config.name_or_path = embedded_name  # also sets config._name_or_path
         model.name_or_path = embedded_name
-    model.to(device)
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tok

@@ -17,7 +17,7 @@ from metalora.adapters.full_finetune import FullFinetuneConfig
 from metalora.adapters.hydra_lora import HydraLoRAConfig
 from metalora.adapters.io import AdapterLoadError, load_adapter, save_adapter
 from metalora.adapters.lora import LoRAConfig
-from metalora.adapters.merge import export_peft, merge
+from metalora.adapters.merge import QuantizedBaseError, export_peft, merge
 from metalora.adapters.moelora import MoELoRAConfig
 from metalora.adapters.mtl_lora import MTLLoRAConfig
 from metalora.adapters.multilora import MultiLoRAConfig
@@ -38,6 +38,7 @@ __all__ = [
     "MoELoRAConfig",
     "MultiLoRAConfig",
     "NotMergeableError",
+    "QuantizedBaseError",
     "RLoRAConfig",
     "TargetError",
     "TaskRoutingError",

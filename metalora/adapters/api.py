@@ -22,6 +22,7 @@ from metalora.adapters.lora import LoRAConfig, bottleneck_modules, inject_peft_l
 from metalora.adapters.moelora import MoELoRAConfig, MoELoRALayer
 from metalora.adapters.mtl_lora import MTLLoRAConfig, MTLLoRALayer
 from metalora.adapters.multilora import MultiLoRAConfig, MultiLoRALayer
+from metalora.adapters.quantized import base_quantization, keep_trainable_layout
 from metalora.adapters.r_lora import RLoRAConfig, RLoRALayer
 from metalora.adapters.routing import TaskRouter, find_router
 from metalora.adapters.targets import resolve_targets
@@ -80,6 +81,14 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 
 def _inject(model: nn.Module, config: MethodConfig) -> None:
+    quantized = base_quantization(model)
+    if isinstance(config, FullFinetuneConfig) and quantized:
+        raise AdapterConfigError(
+            f"full fine-tuning (adapter type 'none') cannot train this base's {quantized}-quantized weights "
+            "(bitsandbytes stores them packed and frozen): load the base without quantization, or train an "
+            "adapter over it (QLoRA)"
+        )
+    keep_trainable_layout(model)
     if isinstance(config, FullFinetuneConfig):
         prepare_full_finetune(model)
         model._metalora_adapter = AdapterInfo(config=config)

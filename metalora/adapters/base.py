@@ -1,7 +1,10 @@
 """What every metalora adapter shares: its config fields and the wrapper around a frozen linear layer.
 
-An ``AdapterLayer`` wraps one ``nn.Linear`` (or GPT-2 ``Conv1D``) and adds a low-rank update:
-``h = base(x) + Δ(dropout(x))``. A method module implements ``adapter_delta`` (the batched update)
+An ``AdapterLayer`` wraps one ``nn.Linear`` (or GPT-2 ``Conv1D``, or a bitsandbytes ``Linear4bit`` /
+``Linear8bitLt`` of a QLoRA base: ``adapters/quantized.py``) and adds a low-rank update:
+``h = base(x) + Δ(dropout(x))``. Over a quantized base, ``base(x)`` runs the quantized layer (in its
+compute dtype), the adapter tensors are fp32 (as PEFT's QLoRA layers), and Δ is computed in the adapter's
+dtype and added in the base output's dtype. A method module implements ``adapter_delta`` (the batched update)
 and, where the method collapses to a plain LoRA once a task is fixed, ``lora_factors`` (A, B, scaling
 with ``Δ = scaling · B A``), which ``merge`` and ``export_peft`` use. The rank-r activation that feeds the
 up-projection passes through ``self.bottleneck`` (an ``nn.Identity``) so that META-LoRA reweighting can
@@ -144,8 +147,9 @@ class AdapterLayer(nn.Module):
         self.bottleneck = nn.Identity()
         self.router: TaskRouter | None = None
         weight = base_layer.weight
-        # Like PEFT's autocast_adapter_dtype: half-precision bases get fp32 adapters.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        # Like PEFT's autocast_adapter_dtype: half-precision bases get fp32 adapters; so do quantized
+        # ones (bitsandbytes' uint8/int8 weights), as in PEFT's QLoRA layers.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.factory = {"device": weight.device, "dtype": dtype}
 
     @property

@@ -26,6 +26,7 @@ from metalora.adapters.api import (
     config_from_dict,
     require_adapter,
 )
+from metalora.adapters.quantized import base_quantization
 from metalora.adapters.targets import in_out_features, linear_module_names
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -75,6 +76,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "config": info.config.to_dict(),
         "base_model": base_model_name(model),
         "base_fingerprint": _fingerprint(model),
+        "base_quantization": base_quantization(model),  # QLoRA: "nf4" / "int8", else None
         "targets": _target_shapes(model, info.targets),
         "task_names": getattr(info.config, "task_names", None),
     }

@@ -5,6 +5,15 @@ Every mergeable adapter is, for a fixed task, a LoRA: ``Δ = scaling · B A`` (`
 and puts the original module back, returning a plain Hugging Face model. PEFT's own LoRA/DoRA layers
 merge with PEFT's ``safe_merge``. ``export_peft`` writes the factors under PEFT's key names and an
 ``adapter_config.json`` written by ``peft.LoraConfig`` itself, so ``PeftModel.from_pretrained`` loads it.
+
+**A quantized base (QLoRA) has one rule: export the adapter, merge into a dequantized copy.** Its packed
+4-/8-bit weights cannot take Δ in place (merging would requantize W + Δ and lose most of Δ to rounding),
+so ``merge`` refuses it (``QuantizedBaseError``). ``export_peft`` works as usual: the adapter's tensors
+do not depend on the base's storage, and the PEFT adapter loads over a quantized or a full-precision base.
+``merge(model, dequantize=True)`` first replaces every bitsandbytes layer by an ``nn.Linear`` holding its
+dequantized weight (exactly the W the adapter was trained against), then merges there: a plain HF model,
+W_deq + Δ. ``metalora export RUN --merge DIR`` loads the recorded base un-quantized (its original
+weights) and merges there.
 """
 
 from __future__ import annotations
@@ -19,10 +28,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from metalora import atomic
-from metalora.adapters.api import adapter_layers, is_full_finetune, require_adapter, resolve_task
+from metalora.adapters.api import (
+    MethodConfig,
+    adapter_layers,
+    is_full_finetune,
+    require_adapter,
+    resolve_task,
+)
 from metalora.adapters.base import AdapterLayer, NotMergeableError
 from metalora.adapters.io import base_model_name
-from metalora.adapters.lora import LoRAConfig
+from metalora.adapters.lora import PEFT_ADAPTER_NAME, LoRAConfig
+from metalora.adapters.quantized import base_quantization, dequantize_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -39,29 +55,31 @@ def _collect_factors(
         }
 
 
-def merge(model: nn.Module, task: int | str | None = None, inplace: bool = False) -> nn.Module:
+class QuantizedBaseError(NotMergeableError):
+    """A merge into a bitsandbytes-quantized base (QLoRA) without ``dequantize=True``."""
+
+
+def merge(
+    model: nn.Module, task: int | str | None = None, inplace: bool = False, dequantize: bool = False
+) -> nn.Module:
     """A plain HF model with the adapter (for ``task``, where it has per-task parts) folded into the weights.
 
     By default the adapted model is left untouched and a merged copy is returned; ``inplace=True``
-    merges into ``model`` itself (no extra memory).
+    merges into ``model`` itself (no extra memory). A quantized base (QLoRA) is refused unless
+    ``dequantize=True``: every bitsandbytes layer is then dequantized to a plain ``nn.Linear`` (in the
+    dtype the model was loaded in) and the adapter merged into that (the module docstring).
     """
-    require_adapter(model)
+    info = require_adapter(model)
     task_id = resolve_task(model, task)
     _collect_factors(model, task_id)  # raises NotMergeableError before any copy is made
+    if not dequantize:
+        _refuse_quantized(model)
     merged = model if inplace else copy.deepcopy(model)
+    if dequantize:
+        dequantize_model(merged)
     with torch.no_grad():
         for name, layer in adapter_layers(merged).items():
-            if isinstance(layer, AdapterLayer):
-                base = layer.base_layer
-                delta = layer.delta_weight(task_id)
-                if not torch.isfinite(delta).all():
-                    raise ValueError(
-                        f"merging {name}: the adapter update has NaN/inf; nothing was merged there"
-                    )
-                base.weight.add_(delta.to(base.weight.dtype))
-            else:
-                layer.merge(safe_merge=True)
-                base = layer.get_base_layer()
+            base = _merged_base(name, layer, task_id, info.config)
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, base)
     for attr in ("_metalora_adapter", "_metalora_router", "peft_config"):
@@ -69,6 +87,47 @@ def merge(model: nn.Module, task: int | str | None = None, inplace: bool = False
             delattr(merged, attr)
     merged.requires_grad_(True)
     return merged
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    kind = base_quantization(model)
+    if kind:
+        raise QuantizedBaseError(
+            f"this adapter's base is quantized ({kind}, bitsandbytes): merging into its packed weights "
+            "would requantize them and lose the update to rounding. Export the adapter instead "
+            "(export_peft, or metalora export RUN --peft DIR), or merge into a dequantized copy: "
+            "merge(model, dequantize=True), or metalora export RUN --merge DIR (it loads the base un-quantized)"
+        )
+
+
+def _merged_base(name: str, layer: nn.Module, task_id: int | None, config: MethodConfig) -> nn.Module:
+    """The layer's base module with the adapter's update folded into its weight."""
+    if not isinstance(layer, AdapterLayer):
+        if not isinstance(layer, peft.tuners.lora.Linear):  # PEFT's bnb layer, its base now dequantized
+            assert isinstance(config, LoRAConfig)
+            layer = _plain_peft_layer(name, layer, config)
+        layer.merge(safe_merge=True)
+        return layer.get_base_layer()
+    base = layer.base_layer
+    delta = layer.delta_weight(task_id)
+    if not torch.isfinite(delta).all():
+        raise ValueError(f"merging {name}: the adapter update has NaN/inf; nothing was merged there")
+    base.weight.add_(delta.to(base.weight.dtype))
+    return base
+
+
+def _plain_peft_layer(name: str, layer: nn.Module, config: LoRAConfig) -> nn.Module:
+    """PEFT's own ``lora.Linear`` over ``layer``'s (dequantized) base, holding ``layer``'s adapter tensors,
+    so PEFT's merge (LoRA or DoRA) runs unchanged."""
+    plain = peft.tuners.lora.Linear(
+        layer.get_base_layer(),
+        PEFT_ADAPTER_NAME,
+        config=config.peft_config([name], fan_in_fan_out=False),
+        r=config.r,
+        lora_alpha=config.alpha,
+    )
+    plain.load_state_dict(layer.state_dict())
+    return plain
 
 
 def export_peft(model: nn.Module, directory: str | Path, task: int | str | None = None) -> Path:
@@ -128,4 +187,4 @@ def export_peft(model: nn.Module, directory: str | Path, task: int | str | None 
     return directory
 
 
-__all__ = ["merge", "export_peft", "NotMergeableError"]
+__all__ = ["merge", "export_peft", "NotMergeableError", "QuantizedBaseError"]

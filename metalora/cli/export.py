@@ -1,4 +1,11 @@
-"""``metalora export``: a saved adapter (or a run's) to a PEFT LoRA directory and/or a merged HF model."""
+"""``metalora export``: a saved adapter (or a run's) to a PEFT LoRA directory and/or a merged HF model.
+
+A QLoRA run (``quantization: nf4 | int8``) follows the same rule as ``merge``: ``--peft`` writes the
+adapter, which loads over a quantized or a full-precision base; ``--merge`` loads the recorded base
+un-quantized (its original weights, as every export does) and merges there, so the merged model is a
+plain full-precision HF model. (In Python, ``merge(model, dequantize=True)`` merges into the dequantized
+copy of an in-memory quantized model instead.)
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@
     algorithm: meta              # meta | lora_mt | lora_st | reweight
     model: smollm2-135m          # load_base name, local path or hub name (downloaded unless HF_HUB_OFFLINE)
     dtype: float32               # parameter dtype of the base model
+    quantization: null           # QLoRA: nf4 (4-bit NormalFloat) | int8 base through bitsandbytes, or null
     model_kwargs: {revision: main, attn_implementation: sdpa}   # passed to from_pretrained
     trust_remote_code: false     # a hub repository's own modelling code runs only when this is true
     adapter: {type: lora, r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}
@@ -13,6 +14,12 @@
     multitask: MultitaskConfig fields (+ protocol: few_shot | null)   # lora_mt / lora_st
     reweight: ReweightConfig fields                                   # algorithm: reweight
     train: EngineConfig fields
+
+``quantization`` is a top-level key beside ``dtype`` (both say how the base's weights are stored; the
+issue's ``model.quantization``), not part of ``model`` (a name, as every command and the run directory read
+it) nor of ``model_kwargs`` (from_pretrained's own keys): ``load_base(model, dtype, quantization=...)``
+builds transformers' ``BitsAndBytesConfig`` from it (``metalora.models``). An unknown value is an error
+naming the key; full fine-tuning (``adapter.type: none``) cannot train a quantized base and is refused.
 
 Every section is a dataclass; ``coerce_fields`` is the one validation helper: it checks each value
 against the field's annotation (so an override ``train.lr=1e-4``, which YAML 1.1 reads as a string, becomes
@@ -114,6 +121,7 @@ class RunConfig:
     algorithm: Algorithm = "meta"
     model: str = "smollm2-135m"
     dtype: str = "float32"
+    quantization: Literal["nf4", "int8"] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
     adapter: dict[str, Any] = field(
@@ -137,6 +145,11 @@ class RunConfig:
         kind = self.adapter.get("type", "lora")
         if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
             raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+        if self.quantization and kind == FULL_FINETUNE_TYPE:
+            raise RunConfigError(
+                f"quantization={self.quantization!r} with adapter.type=none: full fine-tuning cannot train a "
+                "quantized base's packed weights; train an adapter over it (QLoRA) or set quantization=null"
+            )
         if self.algorithm == "reweight":
             if kind == FULL_FINETUNE_TYPE:
                 raise RunConfigError(
@@ -173,6 +186,8 @@ class RunConfig:
             raise RunConfigError(
                 f"unknown config key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}"
             )
+        if isinstance(raw.get("model"), Mapping):
+            raise RunConfigError(f"model: expected a model name or path, got a mapping{_model_hint('model')}")
         try:
             values: dict[str, Any] = coerce_fields(
                 cls, {k: v for k, v in raw.items() if k not in SECTIONS}, ""
@@ -275,7 +290,9 @@ def apply_override(config: dict[str, Any], item: str) -> None:
     if parts[0] not in top:
         raise RunConfigError(f"override {item!r}: unknown key {parts[0]!r}; known: {sorted(top)}")
     if len(parts) > 1 and parts[0] not in (*SECTIONS, "adapter", "model_kwargs"):
-        raise RunConfigError(f"override {item!r}: {parts[0]!r} is not a config section")
+        raise RunConfigError(
+            f"override {item!r}: {parts[0]!r} is not a config section{_model_hint(parts[0])}"
+        )
     node = config
     for part in parts[:-1]:
         child = node.get(part)
@@ -285,6 +302,10 @@ def apply_override(config: dict[str, Any], item: str) -> None:
             raise RunConfigError(f"override {item!r}: {part!r} is not a config section")
         node = child
     node[parts[-1]] = value
+
+
+def _model_hint(key: str) -> str:
+    return " (a quantized base is the top-level key quantization: nf4 | int8)" if key == "model" else ""
 
 
 def _adapter_section(given: Any, data: DataConfig) -> dict[str, Any]:
