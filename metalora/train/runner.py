@@ -188,7 +188,11 @@ def load_model(cfg: RunConfig):
     adapter = dict(cfg.adapter)
     kind = adapter.pop("type", "lora")
     model, tokenizer = load_base(
-        cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, **cfg.model_kwargs
+        cfg.model,
+        dtype=cfg.dtype,
+        quantization=cfg.quantization,
+        trust_remote_code=cfg.trust_remote_code,
+        **cfg.model_kwargs,
     )
     # the adapter's random init comes from the run's seed, not from torch's per-process random seed
     return add_adapter(model, config_from_dict(kind, adapter), seed=cfg.train.seed), tokenizer
