@@ -15,11 +15,12 @@
     reweight: ReweightConfig fields                                   # algorithm: reweight
     train: EngineConfig fields
 
-``quantization`` is a top-level key beside ``dtype`` (both say how the base's weights are stored; the
-issue's ``model.quantization``), not part of ``model`` (a name, as every command and the run directory read
-it) nor of ``model_kwargs`` (from_pretrained's own keys): ``load_base(model, dtype, quantization=...)``
-builds transformers' ``BitsAndBytesConfig`` from it (``metalora.models``). An unknown value is an error
-naming the key; full fine-tuning (``adapter.type: none``) cannot train a quantized base and is refused.
+``quantization`` is a top-level key beside ``dtype`` (both say how the base's weights are stored), not part
+of ``model`` (a name, as every command and the run directory read it) nor of ``model_kwargs``
+(from_pretrained's own keys): ``load_base(model, dtype, quantization=...)`` builds transformers'
+``BitsAndBytesConfig`` from it (``metalora.models``). An unknown value is an error naming the key; the
+spelling ``model.quantization=nf4`` and a ``model:`` mapping are errors that point to the key; full
+fine-tuning (``adapter.type: none``) cannot train a quantized base and is refused.
 
 Every section is a dataclass; ``coerce_fields`` is the one validation helper: it checks each value
 against the field's annotation (so an override ``train.lr=1e-4``, which YAML 1.1 reads as a string, becomes
