@@ -59,7 +59,9 @@ def load_eval_target(target: str | Path, base: str | None = None) -> tuple[nn.Mo
         return peft.PeftModel.from_pretrained(model, str(path)).eval(), tok, "peft"
     if path.exists() and not _is_model_folder(path):
         directory = adapter_dir(path)
-        model, tok = load_base(base or read_adapter_record(directory).get("base_model"))
+        record = read_adapter_record(directory)
+        # a QLoRA adapter is scored over the quantized base it was trained on
+        model, tok = load_base(base or record.get("base_model"), quantization=record.get("base_quantization"))
         return load_adapter(model, directory).eval(), tok, "metalora"
     model, tok = load_base(str(target))
     return model.eval(), tok, "base"
