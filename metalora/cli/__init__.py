@@ -102,6 +102,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_command("export"))
 
     p = sub.add_parser(
+        "compose",
+        help="LoRAHub: weigh a library of LoRA adapters for a new task from k examples",
+        description="LoRAHub (Huang et al. 2023): learn one weight per library adapter (A = Σ w_j A_j, "
+        "B = Σ w_j B_j) minimising the loss on k examples of --task plus an L1 penalty, with nevergrad's "
+        "NGOpt; write the composed adapter to --out as a plain PEFT LoRA with compose.json and compose.md.",
+    )
+    p.add_argument(
+        "library",
+        nargs="+",
+        help="LoRA-ST run directories (one adapter per task), metalora LoRA adapters or runs, MTL-LoRA or "
+        "MoELoRA adapters or runs (one LoRA per task), PEFT LoRA directories; one rank and targets for all",
+    )
+    p.add_argument(
+        "--task", required=True, help="the new task: a built-in name or a YAML/JSON task spec file"
+    )
+    p.add_argument(
+        "--k", type=int, default=5, help="examples of the task to weigh the adapters on (default 5)"
+    )
+    p.add_argument(
+        "--split", default="train", choices=["train", "dev", "test"], help="drawn from (default train)"
+    )
+    p.add_argument("--budget", type=int, default=40, help="objective evaluations (default 40, the authors')")
+    p.add_argument("--l1", type=float, default=0.05, help="L1 penalty weight λ (default 0.05, the authors')")
+    p.add_argument("--bound", type=float, default=1.5, help="weights lie in [-bound, bound] (default 1.5)")
+    p.add_argument(
+        "--objective",
+        default="paper",
+        help="'paper' (L + λ·Σ|w|, default) or 'lorahub_code' (L/k + λ·mean|w|, as lorahub==0.1.0 computes it)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-example draw and of the optimiser")
+    p.add_argument(
+        "--data-seed", type=int, default=None, help="split seed (default: the first library run's, else 0)"
+    )
+    p.add_argument("--model", default=None, help="base model (default: the one the adapters record)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's)")
+    p.add_argument(
+        "--template", default=None, choices=["plain", "chat"], help="default: the run's, else plain"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="examples per forward (default: all k)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory: a PEFT LoRA adapter and its record")
+    p.set_defaults(func=_command("compose"))
+
+    p = sub.add_parser(
         "select",
         help="data selection baselines: bm25, dsir, classifier, mix",
         description="Select or weight candidate training rows by similarity to target rows; "
