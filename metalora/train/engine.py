@@ -16,7 +16,9 @@ forward/backward passes with the engine's building blocks (``backward``, ``snaps
 ``sgd_``, ``sync_grads_``) and leaves the gradient of the outer update in ``.grad`` of the adapter
 parameters, synchronised across ranks. The engine does the rest, once, for every algorithm: the
 NaN/inf guard, gradient clipping, the AdamW step and LR schedule, counters, ``metrics.jsonl`` and the
-progress bar, periodic atomic checkpoints and exact resume, the final adapter.
+progress bar, periodic atomic checkpoints and exact resume, the final adapter. It also turns on gradient
+checkpointing (``train.gradient_checkpointing``) when it takes the model, so every algorithm (LoRA-ST: each
+task's model) gets it from this one place.
 
 Only ``adapter_parameters(model)`` are ever stepped, snapshotted, restored or checkpointed.
 """
@@ -103,6 +105,10 @@ class EngineConfig:
     """Show a progress bar (main process only)."""
     resume: bool = True
     """Continue from ``checkpoints/latest`` of the run directory if there is one."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them (HF activation
+    checkpointing, non-reentrant): less activation memory for one more forward per backward. The gradients
+    are those without it, for every algorithm and adapter."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -145,6 +151,28 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on HF activation checkpointing of ``model``'s decoder layers, non-reentrant.
+
+    Non-reentrant (``use_reentrant=False``) because reweighting takes its gradients with
+    ``torch.autograd.grad``, which reentrant checkpointing refuses, and because its recompute feeds the
+    original graph, where the adapters' and the reweighting hooks' tensor hooks sit (task routing reads the
+    last forward's ids in the recompute: ``adapters/routing.py``). HF checkpoints a layer only in training
+    mode, which ``Engine.fit`` sets. transformers ≥ 5 names it ``activation_checkpointing_enable``.
+    """
+    kwargs = {"use_reentrant": False}
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise EngineConfigError(
+            f"train.gradient_checkpointing=true: {type(model).__name__} does not support gradient "
+            "checkpointing (a transformers model whose layers do is needed)"
+        )
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def lr_multiplier(config: EngineConfig) -> Callable[[int], float]:
     """LR factor for the step about to be taken (``LambdaLR``'s convention: called with 0, 1, …)."""
     warmup, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
@@ -174,6 +202,8 @@ class Engine:
         self.is_main = self.state.is_main_process
         set_seed(config.seed)
         self.model = model.to(self.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.params: dict[str, nn.Parameter] = adapter_parameters(model)
         self.routed = is_task_routed(model)
         self.optimizer = torch.optim.AdamW(

@@ -11,13 +11,19 @@ statistics there, and per-sample gradients of the adapter tensors (PEFT LoRA's i
 * ``PerSampleLoRAGrads``: per-sample ∇_A ℓ_i, ∇_B ℓ_i of plain PEFT LoRA formed inside the one backward
   of Σ_i ℓ_i (the ``fused`` scheme), where ``fused_supported`` says the adapter allows it.
 
+Gradient checkpointing (non-reentrant; ``train.gradient_checkpointing``) runs a layer's forward again
+inside the backward, so every forward hook fires twice. Both captures stay exact: ``StatCapture`` records
+nothing in a recompute (``recomputing``), and ``PerSampleLoRAGrads`` receives its activations as saved
+tensors of an autograd node of the original graph, which runs once per backward.
+
 The maths on the captured tensors is ``similarity.py``; this module only touches the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,6 +97,12 @@ def layer_parameter_names(model: nn.Module, modules: str = "all") -> dict[str, l
 # --- capturing reduced activations and gradients -------------------------------------------------------
 
 
+def recomputing() -> bool:
+    """True while the autograd engine runs (inside a backward): a forward there is a gradient-checkpointing
+    recompute, not a new batch (the test ``adapters/routing.py`` uses for the same reason)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _reduce(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_p weights[b, p] · t[b, p, :] in float64, for t of shape [B, L, d]."""
     t = t.detach()  # [B, L, d]
@@ -103,6 +115,11 @@ class StatCapture:
     Only the reduced [B, d] vectors are kept; the per-token tensors are released as usual. ``low_rank``
     sites hook the *input* of the bottleneck module (z) and its gradient; ``dense`` sites hook the input
     x of the adapted layer and the gradient of its output h.
+
+    Under (non-reentrant) gradient checkpointing the forward of a layer runs again inside the backward;
+    that recompute records nothing (``recomputing``): ā is the original forward's, and ĝ comes from the
+    tensor hook the original forward registered, which fires once, since the backward runs through the
+    original graph (the recompute only refills its saved tensors).
     """
 
     def __init__(self, sites: dict[str, nn.Module], similarity: str) -> None:
@@ -116,8 +133,8 @@ class StatCapture:
 
     def _hook(self, name: str):
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._weights is None:
-                return
+            if self._weights is None or recomputing():
+                return  # a checkpointing recompute: the original forward's records and hooks count
             wa, wg = self._weights
             x = args[0]
             if tuple(x.shape[:2]) != tuple(wa.shape):
@@ -186,6 +203,28 @@ def fused_supported(model: nn.Module) -> bool:
     return all(id(p) in covered for p in adapter_parameters(model).values())
 
 
+class _GradTap(torch.autograd.Function):
+    """Identity on ``out``; its backward hands (∂L/∂out, ``act``) to ``sink`` and passes the gradient on.
+
+    ``act`` is kept with ``save_for_backward``, so autograd holds it like any saved activation: without
+    checkpointing it is the very tensor the adapter's own matmul saves (no extra memory); under gradient
+    checkpointing it is dropped after the forward and refilled by the layer's recompute, where a closure
+    holding it would keep every layer's input alive and undo the saving. The node runs once per backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, act: torch.Tensor, sink: Callable) -> torch.Tensor:
+        ctx.save_for_backward(act)
+        ctx.sink = sink
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (act,) = ctx.saved_tensors
+        ctx.sink(grad, act)
+        return grad, None, None
+
+
 class PerSampleLoRAGrads:
     """Per-sample gradients of PEFT LoRA's A and B, formed inside the one backward of Σ_i ℓ_i.
 
@@ -198,7 +237,8 @@ class PerSampleLoRAGrads:
     activations is ∂ℓ_i; the hooks turn it into the per-sample gradients above as the backward passes
     each layer (x̃ and z are the tensors autograd saves anyway, held no longer than it holds them).
     Once w is known, ∇ Σ_i w_i ℓ_i = Σ_i w_i ∇ℓ_i needs no second backward (``weighted``).
-    Costs B × (adapter size) floats of memory.
+    Costs B × (adapter size) floats of memory. The activations reach the backward as saved tensors of a
+    ``_GradTap`` node, so gradient checkpointing recomputes them like the rest of the layer.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -221,17 +261,22 @@ class PerSampleLoRAGrads:
         return torch.einsum("blo,bli->boi", grad, act).to(like.dtype)  # Σ_p grad_p act_pᵀ per sample
 
     def _hooks(self, a: nn.Module, a_name: str, b: nn.Module, b_name: str) -> list:
-        def a_hook(module: nn.Module, args: tuple, z: torch.Tensor) -> None:
-            x = args[0].detach()
-            if z.requires_grad:
-                z.register_hook(lambda g: self._store(a_name, self._per_sample(g, x, a.weight)))
+        def sink(name: str, weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], None]:
+            return lambda grad, act: self._store(name, self._per_sample(grad, act, weight))
 
-        def b_hook(module: nn.Module, args: tuple, h: torch.Tensor) -> None:
-            z = args[0].detach()
-            if h.requires_grad:
-                h.register_hook(lambda g: self._store(b_name, self._per_sample(g, z, b.weight)))
+        def tap(name: str, weight: torch.Tensor):
+            def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+                # applied in a recompute too (its node is never run): both passes save the same tensors
+                if out.requires_grad:
+                    return _GradTap.apply(out, args[0].detach(), sink(name, weight))
+                return None
 
-        return [a.register_forward_hook(a_hook), b.register_forward_hook(b_hook)]
+            return hook
+
+        return [
+            a.register_forward_hook(tap(a_name, a.weight)),  # ∂ℓ/∂z with x̃
+            b.register_forward_hook(tap(b_name, b.weight)),  # ∂ℓ/∂h with z
+        ]
 
     def _store(self, name: str, grad: torch.Tensor) -> None:
         self.grads[name] = grad if name not in self.grads else self.grads[name] + grad

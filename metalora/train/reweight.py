@@ -48,8 +48,11 @@ is scaled by its token count over the batch's); here g comes from ℓ_i, the sam
 
 With several processes the global batches are sharded B[rank::world]; validation statistics are
 gathered from all ranks, u is gathered so every rank normalises w over the global batch, and the
-per-rank Σ w_i ∇ℓ_i are summed — the update equals the single-process one. Gradient checkpointing is
-not supported (the hooks would fire again in the recompute).
+per-rank Σ w_i ∇ℓ_i are summed — the update equals the single-process one. Under gradient
+checkpointing (``train.gradient_checkpointing``, non-reentrant) the hooks of steps 1–2 fire again in the
+recompute; ``lora_grads`` records only the original forward's, so u, w and the update are those without
+checkpointing (tested to 1e-10 in float64). Reentrant checkpointing is refused: it forbids
+``torch.autograd.grad``.
 
 Run outputs besides the engine's: ``weights.jsonl`` (per step: sample ids, u, w, ℓ, ``case`` — ``eq8``,
 ``no_signal``, ``all_against`` or ``unweighted`` — and ``skipped``), at the end
@@ -174,6 +177,7 @@ class Reweighting:
         """1. Forward/backward of this rank's share of V; statistics combined over ranks (``total`` = global
         |V|). ``groups``: every global validation sample's answer group, for ``direction.balance``."""
         context = context or default_context(self.model)
+        _refuse_reentrant_checkpointing(self.model)
         params = adapter_parameters(self.model)
         with context(val_batch), self.scorer.capture(val_batch):
             losses, _ = forward_losses(self.model, val_batch)
@@ -201,7 +205,7 @@ class Reweighting:
         """2–4 on this rank's share of T (``total`` = global |T|): adds Σ_{i local} w_i ∇ℓ_i to ``.grad``
         (not summed over ranks: the caller's ``sync_grads_`` does it). ``uniform``: w = 1/B."""
         context = context or default_context(self.model)
-        _refuse_checkpointing(self.model)
+        _refuse_reentrant_checkpointing(self.model)
         params = adapter_parameters(self.model)
         with context(train_batch):
             captured = self._capture(train_batch, params)  # 2. forward, unweighted backward
@@ -247,11 +251,19 @@ class Reweighting:
         )
 
 
-def _refuse_checkpointing(model: nn.Module) -> None:
-    if getattr(model, "is_activation_checkpointing", getattr(model, "gradient_checkpointing", False)) is True:
-        raise ReweightConfigError(
-            "reweighting does not support gradient checkpointing (hooks would fire twice)"
-        )
+def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
+    """Reweighting takes its gradients with ``torch.autograd.grad``, which reentrant checkpointing (HF's
+    default before transformers 5) refuses; non-reentrant checkpointing is exact (``lora_grads``)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is not True:
+            continue
+        kwargs = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
+        if kwargs.get("use_reentrant", True) is not False:
+            raise ReweightConfigError(
+                "reweighting needs non-reentrant gradient checkpointing: set train.gradient_checkpointing"
+                "=true, or call model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                '{"use_reentrant": False})'
+            )
 
 
 def resolve_scheme(model: nn.Module, config: ReweightConfig) -> str:
