@@ -15,9 +15,8 @@ into an existing directory resumes it. Each algorithm is one entry of ``ALGORITH
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,8 @@ class RunData:
     features: dict[str, list[Feature]]
     task_to_id: dict[str, int]
     pad_token_id: int
+    validation: list[Feature] = field(default_factory=list)
+    """Reweighting's validation set (empty for the other algorithms)."""
 
     @property
     def mixed(self) -> list[Feature]:
@@ -78,9 +79,13 @@ def run(config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[
             )
         stats[name] = {key: v for key, v in st.as_dict().items() if not key.endswith("_ids")}
     data = RunData(features, task_to_id, tokenizer.pad_token_id)
+    if cfg.algorithm == "reweight":
+        data.validation = _validation_features(cfg, tokenizer, task_to_id, len(data.mixed))
     _apply_epochs(cfg, data)
     run_dir = RunDir(cfg.run_dir)
     data_info = {"task_to_id": task_to_id, "train_examples": {n: len(e) for n, e in examples.items()}}
+    if data.validation:  # which examples formed reweighting's validation set, beside the training pools
+        data_info["validation_ids"] = [f["sample_id"] for f in data.validation]
     with run_dir.lock() if dist_utils.rank() == 0 else contextlib.nullcontext():
         _write_run_files(run_dir, cfg, data_info | {"tokenize": stats})
         ALGORITHM_RUNNERS[cfg.algorithm](cfg, model, tokenizer, data, run_dir)
@@ -123,11 +128,9 @@ def _run_lora_st(cfg: RunConfig, model: Any, tokenizer: Any, data: RunData, run_
 
 
 def _run_reweight(cfg: RunConfig, model: Any, tokenizer: Any, data: RunData, run_dir: RunDir) -> None:
-    val_features = _validation_features(cfg, tokenizer, data.task_to_id, len(data.mixed))
-    if dist_utils.rank() == 0:  # which examples formed the validation set, beside the training pools
-        info = json.loads(run_dir.data.read_text(encoding="utf-8"))
-        atomic.write_json(run_dir.data, info | {"validation_ids": [f["sample_id"] for f in val_features]})
-    train_reweight(model, data.mixed, val_features, cfg.reweight, cfg.train, run_dir.root, data.pad_token_id)
+    train_reweight(
+        model, data.mixed, data.validation, cfg.reweight, cfg.train, run_dir.root, data.pad_token_id
+    )
 
 
 AlgorithmRunner = Callable[[RunConfig, Any, Any, RunData, RunDir], None]
