@@ -143,9 +143,7 @@ class RunConfig:
         if unknown:
             hint = " (the model's dtype is the top-level dtype key)" if "dtype" in unknown else ""
             raise RunConfigError(f"model_kwargs: unknown key(s) {unknown}; known: {list(MODEL_KWARGS)}{hint}")
-        kind = self.adapter.get("type", "lora")
-        if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
-            raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+        kind = adapter_type(self.adapter)
         if self.quantization and kind == FULL_FINETUNE_TYPE:
             raise RunConfigError(
                 f"quantization={self.quantization!r} with adapter.type=none: full fine-tuning cannot train a "
@@ -309,15 +307,21 @@ def _model_hint(key: str) -> str:
     return " (a quantized base is the top-level key quantization: nf4 | int8)" if key == "model" else ""
 
 
+def adapter_type(adapter: Mapping[str, Any]) -> str:
+    """The section's ``type`` (default ``lora``), checked against the known adapter types."""
+    kind = adapter.get("type", "lora")
+    if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
+        raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+    return kind
+
+
 def _adapter_section(given: Any, data: DataConfig) -> dict[str, Any]:
     """The adapter section with its type's config validated; task-routed adapters (MTL-LoRA, MoELoRA) get
     ``task_names`` = the data tasks unless the recipe names them or a task count."""
     if given is not None and not isinstance(given, Mapping):
         raise RunConfigError(f"adapter: expected a mapping of keys, got {given!r}")
     adapter = {**RunConfig.__dataclass_fields__["adapter"].default_factory(), **(given or {})}
-    kind = adapter.get("type", "lora")
-    if not isinstance(kind, str) or kind not in ADAPTER_TYPES:
-        raise RunConfigError(f"adapter.type={kind!r}: expected one of {sorted(ADAPTER_TYPES)}")
+    kind = adapter_type(adapter)
     # the default section's LoRA fields apply to the types that have them (not to full fine-tuning)
     own = {f.name for f in fields(ADAPTER_TYPES[kind][0])} | set(given or {}) | {"type"}
     adapter = {k: v for k, v in adapter.items() if k in own}
