@@ -25,6 +25,33 @@ from metalora.report import save_figure  # noqa: E402
 from metalora.stats import mean_ci, paired_bootstrap  # noqa: E402
 
 COST_KEYS = ("optimizer_steps", "samples", "tokens", "wall_time_s")
+MMLU_MATH = (
+    "abstract_algebra",
+    "college_mathematics",
+    "elementary_mathematics",
+    "high_school_mathematics",
+    "high_school_statistics",
+)
+"""The MMLU subjects reported together as MMLU-math (the MeTA-LoRA paper reports MMLU-math apart)."""
+WIDE = 12
+"""Above this many tasks, ``compare.md`` shows the task groups and the ungrouped tasks, not every task."""
+
+
+def task_groups(tasks: list[str]) -> dict[str, list[str]]:
+    """Benchmark suites scored as many tasks, reported together: ``mmlu`` (every ``mmlu:<subject>``),
+    ``mmlu_math`` (``MMLU_MATH``), ``bbh`` (every ``bbh:<task>``); a group needs two or more tasks."""
+    groups = {
+        "mmlu": [t for t in tasks if t.startswith("mmlu:")],
+        "mmlu_math": [t for t in tasks if t.startswith("mmlu:") and t.split(":", 1)[1] in MMLU_MATH],
+        "bbh": [t for t in tasks if t.startswith("bbh:")],
+    }
+    return {name: members for name, members in groups.items() if len(members) >= 2}
+
+
+def group_score(scores: dict[str, dict[str, Any]], members: list[str], metrics: dict[str, str]) -> float:
+    """The group's score: its items' mean primary metric (each task weighted by its item count ``n``)."""
+    total = sum(scores[t]["n"] for t in members)
+    return sum(scores[t][metrics[t]] * scores[t]["n"] for t in members) / total
 
 
 def summarize(
@@ -59,10 +86,16 @@ def _recipe_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "n": runs[0]["scores"][task]["n"],
         }
     macro = [float(np.mean([r["scores"][t][per_task[t]["metric"]] for t in tasks])) for r in runs]
+    metrics = {t: per_task[t]["metric"] for t in tasks}
+    groups = {}
+    for name, members in task_groups(tasks).items():
+        values = [group_score(r["scores"], members, metrics) for r in runs]
+        groups[name] = {"tasks": members, "per_seed": values, **mean_ci(values).__dict__}
     return {
         "seeds": [r["seed"] for r in runs],
         "lr": runs[0]["lr"],
         "tasks": per_task,
+        "groups": groups,
         "macro": {"per_seed": macro, **mean_ci(macro).__dict__},
         "trainable_params": runs[0]["trainable_params"],
         "costs": {k: float(np.mean([r["counters"][k] for r in runs])) for k in COST_KEYS},
@@ -90,18 +123,28 @@ def _pm(x: dict[str, float]) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     """The tables of ``compare.md``."""
     rows = summary["recipes"]
-    tasks = list(next(iter(rows.values()))["tasks"])
+    first = next(iter(rows.values()))
+    tasks, groups = list(first["tasks"]), first.get("groups", {})
+    grouped = {t for g in groups.values() for t in g["tasks"]}
+    columns = [*groups, *(t for t in tasks if t not in grouped)] if len(tasks) > WIDE else [*tasks, *groups]
     lines = [
-        "Mean over seeds ± half-width of the 95% Student-t interval (primary metric per task; macro = mean over tasks).",
+        "Mean over seeds ± half-width of the 95% Student-t interval (primary metric per task; macro = mean over "
+        "tasks"
+        + (
+            f"; {', '.join(groups)}: the mean over the group's items, in compare.json per task"
+            if groups
+            else ""
+        )
+        + ").",
         "",
         "| recipe | seeds | lr | "
-        + " | ".join(tasks)
+        + " | ".join(columns)
         + " | macro | params | steps | samples | tokens | wall s |",
-        "|---" * (len(tasks) + 9) + "|",
+        "|---" * (len(columns) + 9) + "|",
     ]
     for name, row in rows.items():
         costs = row["costs"]
-        cells = [_pm(row["tasks"][t]) for t in tasks]
+        cells = [_pm(row["groups"][c] if c in groups else row["tasks"][c]) for c in columns]
         lr = "-" if row["trainable_params"] == 0 and row["lr"] == 0 else f"{row['lr']:g}"  # the base row
         lines.append(
             f"| {name} | {len(row['seeds'])} | {lr} | " + " | ".join(cells) + f" | **{_pm(row['macro'])}** | "
