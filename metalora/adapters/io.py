@@ -10,12 +10,14 @@ fine-tuning (type ``none``) the tensors are the whole model's trainable weights 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import metalora
 from metalora import atomic
@@ -63,11 +65,22 @@ def _target_shapes(model: nn.Module, targets: list[str]) -> dict[str, list[int]]
     return shapes
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the adapter's tensors and config to ``directory`` (created if needed)."""
+def save_adapter(
+    model: nn.Module, directory: str | Path, tensors: Mapping[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the adapter's tensors and config to ``directory`` (created if needed).
+
+    ``tensors``: the adapter tensors to write instead of the model's own; a model sharded by FSDP passes
+    them gathered (``metalora.train.sharding.full_tensors``, a collective every rank takes part in)."""
     info = require_adapter(model)
     directory = Path(directory)
-    tensors = {name: p for name, p in adapter_parameters(model).items()}
+    tensors = dict(tensors) if tensors is not None else dict(adapter_parameters(model))
+    sharded = [name for name, t in tensors.items() if isinstance(t, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"save_adapter: {sharded[0]} is sharded (FSDP): gather the tensors on every rank "
+            "(metalora.train.sharding.full_tensors) and pass them as tensors="
+        )
     record = {
         "format_version": FORMAT_VERSION,
         "metalora_version": metalora.__version__,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,11 +52,20 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
 
 def sum_scalar(value: float, device: torch.device) -> float:
     """A Python number summed over ranks."""
+    return float(_reduce_scalar(float(value), torch.float64, dist.ReduceOp.SUM, device))
+
+
+def max_int(value: int, device: torch.device) -> int:
+    """The largest of the ranks' integers."""
+    return int(_reduce_scalar(int(value), torch.int64, dist.ReduceOp.MAX, device))
+
+
+def _reduce_scalar(value: float | int, dtype: torch.dtype, op: Any, device: torch.device) -> float | int:
     if world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
+        return value
+    t = torch.tensor([value], dtype=dtype, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
 
 
 def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:

@@ -21,6 +21,15 @@ checkpointing (``train.gradient_checkpointing``) when it takes the model, so eve
 task's model) gets it from this one place.
 
 Only ``adapter_parameters(model)`` are ever stepped, snapshotted, restored or checkpointed.
+
+**Sharding** (``train.sharding: fsdp``, or ``accelerate launch`` with an FSDP config; ``train/sharding.py``):
+with several processes the engine hands the model to torch's FSDP2 ``fully_shard`` (decoder layers, then
+the root) before building the optimizer, so the adapter tensors, their gradients and the AdamW state are
+DTensor shards. FSDP's reduce-scatter sums the gradients (divide factor 1) and ``sync_grads_`` leaves them
+alone; ``backward`` pads a rank's passes with empty ones so every rank runs as many; ``snapshot``,
+``restore``, ``sgd_``, ``grads`` work on the local shards; the gradient norm is the global one (torch's
+``clip_grad_norm_`` over DTensors); checkpoints and the final adapter hold gathered full tensors, in the
+unsharded format, and load back into shards. Algorithms declare ``fit(shardable=True)``; others are refused.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from metalora.adapters import adapter_parameters, is_task_routed, save_adapter, 
 from metalora.adapters.io import AdapterLoadError, check_adapter_tensors
 from metalora.errors import RunInterrupted
 from metalora.rundir import RunDir
-from metalora.train import checkpoint
+from metalora.train import checkpoint, sharding
 from metalora.train import distributed as dist_utils
 from metalora.train.counters import Counters, peak_memory
 from metalora.train.logging import MetricsLogger, Progress
@@ -105,6 +114,10 @@ class EngineConfig:
     """Show a progress bar (main process only)."""
     resume: bool = True
     """Continue from ``checkpoints/latest`` of the run directory if there is one."""
+    sharding: str = "none"
+    """``none`` (full replicas, gradients all-reduced) or ``fsdp`` (torch FSDP2 ``fully_shard`` of every decoder
+    layer and the root: parameters, gradients and AdamW state sharded over the processes; ``train/sharding.py``).
+    ``accelerate launch`` with an FSDP config selects ``fsdp`` whatever this says. One process: no effect."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them (HF activation
     checkpointing, non-reentrant): less activation memory for one more forward per backward. The gradients
@@ -118,6 +131,7 @@ class EngineConfig:
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             ("device", self.device in DEVICES, f"one of {DEVICES}"),
+            ("sharding", self.sharding in sharding.SHARDINGS, f"one of {sharding.SHARDINGS}"),
             ("warmup_steps", self.warmup_steps >= 0, "a non-negative integer"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "a fraction in [0, 1]"),
             ("log_every", self.log_every > 0, "a positive integer"),
@@ -204,6 +218,10 @@ class Engine:
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.sharding = sharding.resolve(config.sharding)
+        self.sharded = self.sharding.mode == "fsdp" and dist_utils.world_size() > 1
+        if self.sharded:
+            sharding.shard_model(model, self.sharding.reshard_after_forward)
         self.params: dict[str, nn.Parameter] = adapter_parameters(model)
         self.routed = is_task_routed(model)
         self.optimizer = torch.optim.AdamW(
@@ -220,6 +238,18 @@ class Engine:
         self.checkpoint_dir = self.run.checkpoints
         self.logger = MetricsLogger(self.run.metrics, enabled=self.is_main, tensorboard=config.tensorboard)
         self.step = 0
+        self._log_sharding()
+
+    def _log_sharding(self) -> None:
+        """Say which sharding the run uses and who chose it (stderr, ``metrics.jsonl``, ``counters.json``)."""
+        if not (self.sharded or self.sharding.source == "accelerate"):
+            return  # the default: nothing to say
+        mode = self.sharding.mode if self.sharded else "none"
+        self.logger.log({"event": "sharding", "sharding": mode, "source": self.sharding.source})
+        how = "accelerate launch's FSDP config" if self.sharding.source == "accelerate" else "train.sharding"
+        what = f"FSDP2 fully_shard over {self.world_size} processes" if self.sharded else "one process"
+        if self.is_main:
+            print(f"metalora: sharding={mode} ({what}) from {how}", file=sys.stderr, flush=True)
 
     # --- building blocks for algorithms -------------------------------------------------------------
 
@@ -270,6 +300,11 @@ class Engine:
             normalizer = float(sum(label_token_count(b["labels"]) for b in batches))
         normalizer = max(normalizer, 1.0)
         total = 0.0
+        if self.sharded:  # every rank runs as many forward/backward passes as the busiest one
+            batches = [
+                *batches,
+                *[empty_batch()] * (dist_utils.max_int(len(batches), self.device) - len(batches)),
+            ]
         for batch in batches:
             with self.routing(batch):
                 rows, counts = self.loss_rows(batch)
@@ -315,11 +350,12 @@ class Engine:
                 p.add_(p.grad, alpha=-lr)
 
     def sync_grads_(self, scale: float = 1.0) -> None:
-        """``.grad`` ← scale · Σ_ranks ``.grad`` for every adapter tensor (identity in one process)."""
+        """``.grad`` ← scale · Σ_ranks ``.grad`` for every adapter tensor (identity in one process). A sharded
+        tensor's ``.grad`` is already FSDP's reduce-scattered sum: only scaled."""
         grads = self.grads()
         self.set_grads(grads)
         tensors = list(grads.values())
-        dist_utils.all_reduce_sum_(tensors)
+        dist_utils.all_reduce_sum_([g for g in tensors if not sharding.is_sharded(g)])
         if scale != 1.0:
             for g in tensors:
                 g.mul_(scale)
@@ -335,11 +371,14 @@ class Engine:
         stateful: Stateful | None = None,
         desc: str = "train",
         extra_state: dict[str, Any] | None = None,
+        shardable: bool = False,
     ) -> Counters:
         """Run ``step_fn`` for steps ``start..max_steps-1`` with an AdamW step after each; returns the counters.
 
-        ``stateful`` (the data sampler) is checkpointed and restored with everything else.
+        ``stateful`` (the data sampler) is checkpointed and restored with everything else. ``shardable``: the
+        algorithm runs every forward on every rank (what FSDP needs); a sharded run of any other is refused.
         """
+        self._refuse_sharding(desc, shardable)
         cfg = self.config
         start = self._resume(stateful) if cfg.resume else 0
         self.model.train()
@@ -380,11 +419,19 @@ class Engine:
         self.step = cfg.max_steps
         self.save_checkpoint(cfg.max_steps, stateful, extra_state)
         self._finish(status="completed")
+        tensors = sharding.full_tensors(self.params) if self.sharded else None  # every rank gathers
         if self.is_main:
-            save_adapter(self.model, self.run.adapter)
+            save_adapter(self.model, self.run.adapter, tensors=tensors)
         dist_utils.barrier()
         self.logger.close()
         return self.counters
+
+    def _refuse_sharding(self, desc: str, shardable: bool) -> None:
+        if self.sharded and not shardable:
+            raise sharding.ShardingError(
+                f"{desc} is not supported with sharding (train.sharding=fsdp or an accelerate FSDP config): "
+                "it needs every rank's full activations and adapter tensors; run it with train.sharding=none"
+            )
 
     def _stop_if_signalled(
         self, signum: int | None, done: int, stateful: Stateful | None, extra_state: dict[str, Any] | None
@@ -414,7 +461,9 @@ class Engine:
     def _guarded_grad_norm(self, out: StepOutput, step: int) -> float:
         """Clip (if configured) and return the gradient norm; stop the run on a NaN/inf loss or gradient."""
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
+        norm = float(
+            sharding.full_tensor(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
+        )
         if not (math.isfinite(out.loss) and math.isfinite(norm)):
             last = checkpoint.latest(self.checkpoint_dir)
             self.logger.log({"event": "non_finite", "step": step + 1, "loss": out.loss, "grad_norm": norm})
@@ -431,7 +480,8 @@ class Engine:
     def _finish(self, status: str) -> None:
         self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
         if self.is_main:
-            atomic.write_json(self.run.counters, {"status": status, **self.counters.to_dict()})
+            sharded = {"sharding": "fsdp", "world_size": self.world_size} if self.sharded else {}
+            atomic.write_json(self.run.counters, {"status": status, **sharded, **self.counters.to_dict()})
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -439,20 +489,25 @@ class Engine:
         self, step: int, stateful: Stateful | None = None, extra_state: dict[str, Any] | None = None
     ) -> Path:
         previous = checkpoint.latest(self.checkpoint_dir) if self.is_main else None
-        if previous is not None and previous.name == checkpoint.step_dir_name(step):
-            return previous  # resumed at the end: nothing new to write
+        written = previous is not None and previous.name == checkpoint.step_dir_name(step)
+        if self.sum_over_ranks(float(written)) > 0:  # decided by rank 0, for every rank
+            return self.checkpoint_dir / checkpoint.step_dir_name(
+                step
+            )  # resumed at the end: nothing to write
         self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
+        optimizer = (
+            sharding.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+        )
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "counters": self.counters.to_dict(),
             "sampler": stateful.state_dict() if stateful is not None else None,
             "engine_config": asdict(self.config),
             "extra": extra_state or {},
         }
-        return checkpoint.save(
-            self.checkpoint_dir, step, self.params, state, keep=self.config.keep_checkpoints
-        )
+        adapter = sharding.full_tensors(self.params) if self.sharded else self.params
+        return checkpoint.save(self.checkpoint_dir, step, adapter, state, keep=self.config.keep_checkpoints)
 
     def _resume(self, stateful: Stateful | None) -> int:
         directory, problems = checkpoint.latest_valid(self.checkpoint_dir)
@@ -472,8 +527,8 @@ class Engine:
             check_adapter_tensors(directory / checkpoint.ADAPTER_FILE, adapter, self.params)
         except AdapterLoadError as exc:
             raise checkpoint.CheckpointError(f"{directory} does not fit this run's adapter: {exc}") from None
-        self.restore({n: t.to(self.device) for n, t in adapter.items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharding.load_full_(self.params, adapter)  # a sharded tensor takes its shard of the full one
+        self.optimizer.load_state_dict(sharding.shard_optimizer_state(self.optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.counters = Counters.from_dict(state["counters"])
         if stateful is not None:
@@ -486,6 +541,19 @@ class Engine:
         self.logger.truncate_after(int(state["step"]))
         self.logger.log({"event": "resumed", "from_checkpoint": directory.name, "step": int(state["step"])})
         return int(state["step"])
+
+
+def empty_batch() -> dict[str, Any]:
+    """A one-token batch with no label token: a forward/backward that adds nothing to any gradient (FSDP needs
+    every rank to run as many as the others)."""
+    one = torch.zeros((1, 1), dtype=torch.long)
+    return {
+        "input_ids": one,
+        "attention_mask": torch.ones_like(one),
+        "labels": torch.full_like(one, -100),
+        "task_ids": torch.zeros(1, dtype=torch.long),
+        "sample_ids": [],
+    }
 
 
 def chunks(items: Sequence[Any], size: int | None) -> Iterator[Sequence[Any]]:

@@ -16,7 +16,11 @@ n·(k·|S| + |Q|) per iteration (64 at the defaults); optimizer steps count oute
 
 With several processes the n episodes of an iteration (sampled identically on every rank) are split
 across ranks (episodes[rank::world]); each rank sums its g_i, the sums are all-reduced and divided by n,
-so every rank takes the identical outer step. For task-routed adapters (MTL-LoRA, MoELoRA) the task
+so every rank takes the identical outer step. Sharded (``train.sharding: fsdp``) that cannot work: FSDP2
+needs every rank in every forward and holds one logical θ, so every rank runs every episode on its share
+of S and of Q (S[rank::world], data parallel inside the episode), each loss normalised by the episode's
+*global* token (or sample) count; FSDP's reduce-scatter sums the shares' gradients, the inner SGD step is
+applied to each rank's shard of θ_i, and g_i's shards are summed over episodes (no all-reduce left). For task-routed adapters (MTL-LoRA, MoELoRA) the task
 id of every forward comes from the episode (the collated batch's ``task_ids``).
 
 Only the adapter tensors are snapshotted and restored (``Engine.snapshot``/``restore``); the model is
@@ -38,6 +42,7 @@ from metalora.train import distributed as dist_utils
 from metalora.train.batching import Feature, count_tokens, micro_batches
 from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, StepOutput
+from metalora.train.loss import count_label_tokens
 
 
 class MetaConfigError(ValueError):
@@ -94,6 +99,11 @@ class MetaConfig:
         return self.n_tasks * (self.effective_inner_steps * self.support_size + self.query_size)
 
 
+def set_normalizer(features: Sequence[Feature], reduction: str) -> float:
+    """What a set's loss is divided by: its label tokens (``token``) or its samples (``sample``)."""
+    return float(max(count_label_tokens(features) if reduction == "token" else len(features), 1))
+
+
 def task_query_grad(
     engine: Engine,
     support: Sequence[Feature],
@@ -104,18 +114,23 @@ def task_query_grad(
     """For one task: k SGD steps on L_S from θ, then ∇L_Q at θ_i (first-order). θ is restored on return.
 
     Returns (query loss at θ_i, support loss before the first inner step or nan, g_i by adapter tensor).
+    Sharded, this rank's share of S and Q: the losses are its parts (summed over ranks by the caller), the
+    gradients FSDP's sums over ranks (the local shards).
     """
+    reduction, split = config.loss_reduction, dist_utils.shard if engine.sharded else list
     theta = engine.snapshot() if config.effective_inner_steps else None
-    support_batches = micro_batches(support, pad_token_id, config.micro_batch_size)
+    support_batches = micro_batches(split(support), pad_token_id, config.micro_batch_size)
     support_loss = float("nan")
     for step in range(config.effective_inner_steps):
         engine.zero_grad()
-        loss = engine.backward(support_batches, reduction=config.loss_reduction)  # ∇_θ L_S(θ_i)
-        support_loss = loss if step == 0 else support_loss
+        loss = engine.backward(support_batches, set_normalizer(support, reduction), reduction=reduction)
+        support_loss = loss if step == 0 else support_loss  # ∇_θ L_S(θ_i) above
         engine.sgd_(config.inner_lr)  # θ_i ← θ_i − α ∇ L_S(θ_i)
     engine.zero_grad()
-    query_batches = micro_batches(query, pad_token_id, config.micro_batch_size)
-    query_loss = engine.backward(query_batches, reduction=config.loss_reduction)  # ∇ L_Q(θ_i)
+    query_batches = micro_batches(split(query), pad_token_id, config.micro_batch_size)
+    query_loss = engine.backward(
+        query_batches, set_normalizer(query, reduction), reduction=reduction
+    )  # ∇ L_Q(θ_i)
     grads = engine.grads()
     engine.zero_grad()
     if theta is not None:
@@ -132,7 +147,8 @@ def meta_step(engine: Engine, episodes: Sequence[Any], config: MetaConfig, pad_t
     summed: dict[str, torch.Tensor] | None = None
     query_total, support_total = 0.0, 0.0
     query_losses = [0.0] * n  # per episode; filled by the rank that runs it, summed over ranks below
-    for i in range(dist_utils.rank(), n, dist_utils.world_size()):  # this rank's tasks
+    mine = range(n) if engine.sharded else range(dist_utils.rank(), n, dist_utils.world_size())
+    for i in mine:  # this rank's tasks (sharded: every task, on this rank's share of its samples)
         episode = episodes[i]
         q_loss, s_loss, grads = task_query_grad(engine, episode.support, episode.query, config, pad_token_id)
         summed = grads if summed is None else {k: summed[k] + g for k, g in grads.items()}
@@ -199,4 +215,5 @@ def train_meta(
         stateful=sampler,
         desc="MeTA-LoRA-STA" if config.sta else "MeTA-LoRA",
         extra_state={"algorithm": "meta", "sta": config.sta},
+        shardable=True,
     )

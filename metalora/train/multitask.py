@@ -171,7 +171,14 @@ def multitask_step(
         share = sorted(share, key=lambda f: -len(f["input_ids"]))  # padding, the same summed gradient
     local = micro_batches(share, pad_token_id, config.micro_batch_size)
     per_task: dict[int, list[float]] = {}
-    loss = engine.backward(local, normalizer=float(max(label_tokens, 1)), per_task=per_task) if local else 0.0
+    take_part = (
+        local or engine.sharded
+    )  # sharded: every rank takes part in every pass, with or without samples
+    loss = (
+        engine.backward(local, normalizer=float(max(label_tokens, 1)), per_task=per_task)
+        if take_part
+        else 0.0
+    )
     engine.sync_grads_()
     metrics = {}
     if task_names is not None:
@@ -207,7 +214,7 @@ def train_multitask(
     def step(_: int) -> StepOutput:
         return multitask_step(engine, batches.sample(), config, pad_token_id, task_names)
 
-    return engine.fit(step, stateful=batches, desc=desc, extra_state={"algorithm": "lora_mt"})
+    return engine.fit(step, stateful=batches, desc=desc, extra_state={"algorithm": "lora_mt"}, shardable=True)
 
 
 def train_single_task(
