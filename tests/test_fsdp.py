@@ -2,7 +2,8 @@
 
 The file is also the worker: ``torchrun --nproc_per_node 2 tests/test_fsdp.py PART OUT``. Part ``runs``
 trains LoRA-MT (plain LoRA and task-routed MTL-LoRA; an uneven batch of 5 cut into micro-batches of 2, so
-the ranks run different numbers of passes and the engine pads them), MeTA-LoRA (MTL-LoRA; |S| = 3 split
+the ranks run different numbers of passes and the engine pads them; MTL-LoRA with gradient checkpointing,
+so task routing is also exercised in FSDP's recompute), MeTA-LoRA (MTL-LoRA; |S| = 3 split
 over 2 ranks) and a LoRA-MT run killed (``os._exit``) right after its step-2 checkpoint; it also checks that
 reweighting refuses sharding. Part ``resume`` is started by ``accelerate launch --config_file`` with
 ``configs/accelerate/fsdp2.yaml`` (and ``train.sharding: none``: the launcher's FSDP env selects it); it
@@ -99,7 +100,7 @@ def worker(part: str, out: Path) -> None:
 
     if part == "runs":
         run_mt(out / "mt_lora", "lora", "fsdp")
-        run_mt(out / "mt_mtl", "mtl", "fsdp")
+        run_mt(out / "mt_mtl", "mtl", "fsdp", gradient_checkpointing=True)  # routed recompute, too
         run_meta(out / "meta", "fsdp")
         try:
             run_reweight(out / "reweight", "fsdp")
