@@ -33,6 +33,7 @@ _PUBLIC: dict[str, str] = {
     "save_adapter": "metalora.adapters",
     "load_adapter": "metalora.adapters",
     "merge": "metalora.adapters",
+    "QuantizedBaseError": "metalora.adapters",
     "export_peft": "metalora.adapters",
     # models
     "load_base": "metalora.models",
