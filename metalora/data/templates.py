@@ -12,6 +12,10 @@ starts with a space (so that prompt + response reads naturally and BPE tokenizer
                                                                  "letter"      -> " B"
                                                                  "text"        -> " <option 1>"
 
+``"cloze"`` leaves the options out of the prompt (``<question>`` then ``"Answer:"``) and the response is
+the option's text: the cloze formulation lm-eval and OLMES use for small models (HellaSwag, PIQA, ARC),
+where a model that cannot yet bind letters or copy from a list still ranks the options by likelihood.
+
 The default is ``"letter_text"``: the model learns both the letter (what MMLU-style scoring reads)
 and the option text. The tokenizer's chat template, when chosen, is applied at tokenization time
 (`metalora.data.tokenize`), on top of the prompt/response built here.
@@ -26,7 +30,7 @@ from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example
 
 LETTERS = string.ascii_uppercase
-MC_RESPONSES = ("letter_text", "letter", "text")
+MC_RESPONSES = ("letter_text", "letter", "text", "cloze")
 SCHEMAS = ("columns", "alpaca", "messages")
 
 ALPACA_PROMPT = (
@@ -86,11 +90,13 @@ def fill_template(template: str, record: dict[str, Any], where: str) -> str:
         raise MetaloraDataError(f"{where}: bad template {template!r}: {e}") from None
 
 
-def format_mc_prompt(question: str, options: list[str]) -> str:
-    """The question, one lettered option per line, then ``"Answer:"`` (see the module docstring)."""
+def format_mc_prompt(question: str, options: list[str], style: str = "letter_text") -> str:
+    """The question, one lettered option per line (none for ``cloze``), then ``"Answer:"`` (see the module
+    docstring)."""
     if len(options) > len(LETTERS):
         raise MetaloraDataError(f"at most {len(LETTERS)} options are supported, got {len(options)}")
-    lines = [question.rstrip()] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)] + ["Answer:"]
+    listed = [] if style == "cloze" else [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    lines = [question.rstrip(), *listed, "Answer:"]
     return "\n".join(lines)
 
 
@@ -100,7 +106,7 @@ def format_mc_response(options: list[str], answer: int, style: str = "letter_tex
         return f" {LETTERS[answer]}. {options[answer]}"
     if style == "letter":
         return f" {LETTERS[answer]}"
-    if style == "text":
+    if style in ("text", "cloze"):
         return f" {options[answer]}"
     raise MetaloraDataError(f"unknown mc_response {style!r}; choose one of {list(MC_RESPONSES)}")
 
@@ -135,9 +141,10 @@ def mc_example(
     mc_response: str = "letter_text",
     **meta: Any,
 ) -> Example:
-    """A multiple-choice `Example` rendered as generative SFT (prompt lists the options)."""
+    """A multiple-choice `Example` rendered as generative SFT (the prompt lists the options unless
+    ``mc_response`` is ``cloze``)."""
     return Example(
-        prompt=format_mc_prompt(question, options),
+        prompt=format_mc_prompt(question, options, mc_response),
         response=format_mc_response(options, answer, mc_response),
         task=task,
         id=id,

@@ -3,7 +3,8 @@
 Multiple-choice tasks are scored by log-likelihood (``metalora.eval.multiple_choice``). The scored
 continuation of option j is the same text the model is trained to produce for it, following the task's
 ``mc_response`` (``" B. <option>"`` for the default ``letter_text``, ``" B"`` for ``letter``, ``" <option>"``
-for ``text``), so before/after numbers measure the trained behaviour on identical prompts. Generation tasks
+for ``text`` and ``cloze``, whose prompt lists no options), so before/after numbers measure the trained
+behaviour on identical prompts. Generation tasks
 (GSM8K) use greedy decoding and exact match on the extracted answer; when every gold answer is a number
 they also get Pearson r (``regression_metrics``). A task may fix its own protocol in
 ``task.meta["eval"]`` (BBH: lm-eval's 3-shot exemplars in order, its description, options "(A)"…).
@@ -146,7 +147,7 @@ def _evaluate_task_mc(model, tokenizer, task, items, k, batch_size, unseen_task,
     views = [mc_view(e, style) for e in items]
     pool = {task.name: [mc_view(e, style) for e in task.dev]}
     # cloze-style options differ in length: length-normalised accuracy is the meaningful one there
-    primary = {"primary": settings.get("primary", "acc_norm" if style == "text" else "acc")}
+    primary = {"primary": settings.get("primary", "acc_norm" if style in ("text", "cloze") else "acc")}
     return primary | _evaluate_mc(
         model, tokenizer, task.name, views, pool, k, batch_size, unseen_task, seed, progress, protocol
     )
