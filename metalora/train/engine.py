@@ -489,11 +489,10 @@ class Engine:
         self, step: int, stateful: Stateful | None = None, extra_state: dict[str, Any] | None = None
     ) -> Path:
         previous = checkpoint.latest(self.checkpoint_dir) if self.is_main else None
-        written = previous is not None and previous.name == checkpoint.step_dir_name(step)
+        name = checkpoint.step_dir_name(step)
+        written = previous is not None and previous.name == name  # resumed at the end: nothing to write
         if self.sum_over_ranks(float(written)) > 0:  # decided by rank 0, for every rank
-            return self.checkpoint_dir / checkpoint.step_dir_name(
-                step
-            )  # resumed at the end: nothing to write
+            return self.checkpoint_dir / name
         self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
         optimizer = (
             sharding.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
