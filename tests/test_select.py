@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +122,8 @@ def test_dsir_log_ratio_matches_explicit_computation() -> None:
         cnt * (math.log((tgt[b] + 1) / (n_tgt + buckets)) - math.log((raw[b] + 1) / (n_raw + buckets)))
         for b, cnt in doc.items()
     )
-    got = dsir_log_importance(candidates, target, num_buckets=buckets)
+    # our Laplace option (the earlier estimator and buckets); the default is the package's (test below)
+    got = dsir_log_importance(candidates, target, num_buckets=buckets, smoothing=1.0, hash_name="blake2b")
     assert got[0] == pytest.approx(expected, rel=1e-12)
 
 
@@ -207,3 +210,52 @@ def test_mix_rows() -> None:
     assert rows == mix_rows(train, val, ratio=5, seed=1)
     assert rows != mix_rows(train, val, ratio=5, seed=2)
     assert "selection_source" not in train[0]  # inputs untouched
+
+
+def test_dsir_default_is_the_data_selection_package_formula_by_hand() -> None:
+    """The default log-weights are ``data-selection`` 1.0.3's: SHA-256 buckets of the lower-cased word/punct
+    n-grams, log(p + 1e-8) estimates (written out here from its source, with 50 buckets); ``smoothing=1``
+    with blake2b buckets is the earlier Laplace estimator."""
+
+    def bucket(f: str) -> int:
+        return int(hashlib.sha256(f.encode("utf-8")).hexdigest(), 16) % 50
+
+    def counts(text: str) -> np.ndarray:
+        words = re.findall(r"\w+|[^\w\s]+", text.lower())
+        c = np.zeros(50)
+        for f in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
+            c[bucket(f)] += 1
+        return c
+
+    candidates, target = COOKING[:4] + MATH[:2], MATH[2:]
+    raw = sum(counts(t) for t in candidates)
+    tgt = sum(counts(t) for t in target)
+    log_diff = np.log(tgt / tgt.sum() + 1e-8) - np.log(raw / raw.sum() + 1e-8)
+    expected = np.array([counts(t) @ log_diff for t in candidates])
+    np.testing.assert_allclose(dsir_log_importance(candidates, target, num_buckets=50), expected, rtol=1e-12)
+    laplace = dsir_log_importance(candidates, target, num_buckets=50, smoothing=1.0, hash_name="blake2b")
+    assert not np.allclose(laplace, expected)
+
+
+@pytest.mark.optional
+def test_dsir_equals_the_data_selection_package() -> None:
+    """Against the authors' package itself, when it is importable (it is not a dependency)."""
+    data_selection = pytest.importorskip("data_selection", reason="needs data-selection==1.0.3 importable")
+    import json
+    import tempfile
+
+    candidates, target = COOKING + MATH[:2], MATH[2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rows in (("raw", candidates), ("target", target)):
+            Path(tmp, f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+        dsir = data_selection.HashedNgramDSIR(
+            [f"{tmp}/raw.jsonl"],
+            [f"{tmp}/target.jsonl"],
+            cache_dir=f"{tmp}/c",
+            num_proc=1,
+            min_example_length=0,
+        )
+        dsir.fit_importance_estimator(num_tokens_to_fit="all")
+        dsir.compute_importance_weights()
+        theirs = np.load(f"{tmp}/c/log_importance_weights/0.npy")
+    np.testing.assert_allclose(dsir_log_importance(candidates, target), theirs, rtol=1e-9, atol=1e-9)

@@ -43,7 +43,7 @@ __all__ = [
 # method -> the keyword options it accepts (beyond k, ratio, seed, text_fields)
 METHODS: dict[str, tuple[str, ...]] = {
     "bm25": ("aggregate", "k1", "b", "stopwords"),
-    "dsir": ("num_buckets", "n", "smoothing", "temperature"),
+    "dsir": ("num_buckets", "n", "smoothing", "hash_name", "temperature"),
     "classifier": ("num_buckets", "n", "C", "max_iter", "sampling", "alpha"),
     "mix": (),
 }

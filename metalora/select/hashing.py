@@ -2,9 +2,10 @@
 
 A text is lower-cased and split with NLTK's ``WordPunctTokenizer`` pattern ``\\w+|[^\\w\\s]+`` (what the DSIR
 code uses); its features are the unigrams and the bigrams (``"w1 w2"``) up to order ``n``, and each
-feature f goes to bucket ``blake2b_64(f) mod num_buckets``. The DSIR reference code hashes with Python's
-``hash``, which is salted per process (``PYTHONHASHSEED``); blake2b makes buckets identical across runs and
-machines.
+feature f goes to bucket ``blake2b_64(f) mod num_buckets`` (``hash_name="sha256"``: ``int(sha256(f)) mod
+num_buckets``, the bucket of the DSIR authors' ``data-selection`` 1.0.3, which DSIR uses to select what that
+package selects). Early DSIR research code hashed with Python's salted ``hash``; both hashes here give the
+same buckets on every run and machine.
 """
 
 from __future__ import annotations
@@ -36,14 +37,22 @@ def ngrams(tokens: Sequence[str], n: int = 2) -> list[str]:
     return feats
 
 
-def stable_bucket(feature: str, num_buckets: int) -> int:
-    """``int.from_bytes(blake2b(feature, 8 bytes), "little") mod num_buckets``: the same on every run."""
+HASHES = ("blake2b", "sha256")
+
+
+def stable_bucket(feature: str, num_buckets: int, hash_name: str = "blake2b") -> int:
+    """``int.from_bytes(blake2b(feature, 8 bytes), "little") mod num_buckets``, or for ``sha256`` the
+    ``data-selection`` package's ``int(sha256(feature).hexdigest(), 16) mod num_buckets``: the same on every run."""
+    if hash_name == "sha256":
+        return int(hashlib.sha256(feature.encode("utf-8")).hexdigest(), 16) % num_buckets
+    if hash_name != "blake2b":
+        raise ValueError(f"hash_name must be one of {HASHES}, got {hash_name!r}")
     digest = hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % num_buckets
 
 
 def hashed_ngram_counts(
-    texts: Sequence[str], num_buckets: int = 10_000, n: int = 2
+    texts: Sequence[str], num_buckets: int = 10_000, n: int = 2, hash_name: str = "blake2b"
 ) -> scipy.sparse.csr_matrix:
     """Sparse ``[len(texts), num_buckets]`` matrix; entry (i, b) = number of n-grams of text i in bucket b."""
     if num_buckets < 1:
@@ -55,7 +64,7 @@ def hashed_ngram_counts(
         for feat in ngrams(tokenize(text), n):
             b = cache.get(feat)
             if b is None:
-                b = cache[feat] = stable_bucket(feat, num_buckets)
+                b = cache[feat] = stable_bucket(feat, num_buckets, hash_name)
             rows.append(i)
             cols.append(b)
     data = np.ones(len(rows), dtype=np.float64)
