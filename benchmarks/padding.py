@@ -26,7 +26,7 @@ from common import RESULTS, machine, markdown_table  # noqa: E402
 from metalora.adapters.api import add_adapter, config_from_dict  # noqa: E402
 from metalora.data import build_pools, collate, load_tasks, task_id_map, tokenize_examples  # noqa: E402
 from metalora.models import load_base  # noqa: E402
-from metalora.train.batching import count_tokens, padded_tokens  # noqa: E402
+from metalora.train.batching import count_tokens, longest_first, padded_tokens  # noqa: E402
 from metalora.train.multitask import EpochBatches  # noqa: E402
 
 STORE = RESULTS / "padding.json"
@@ -44,7 +44,7 @@ def draw(features: list[dict[str, Any]], batch: int, steps: int, grouped: bool) 
 
 def sorted_micro_batches(batch: list[dict], size: int) -> list[list[dict]]:
     """What ``multitask_step`` feeds the model with ``micro_batch_size``: the batch sorted by length, cut."""
-    ordered = sorted(batch, key=lambda f: -len(f["input_ids"]))
+    ordered = longest_first(batch)
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 

@@ -57,6 +57,12 @@ def length_grouped_order(
     return out
 
 
+def longest_first(features: Sequence[Feature]) -> list[Feature]:
+    """``features`` sorted by length, longest first (ties keep their order): cut into micro-batches, each
+    pads only to its own longest sample."""
+    return sorted(features, key=lambda f: -len(f["input_ids"]))
+
+
 def padded_tokens(batches: Sequence[Sequence[Feature]]) -> int:
     """Input tokens the batches occupy after right-padding each to its longest sample."""
     return sum(len(b) * max(len(f["input_ids"]) for f in b) for b in batches if b)

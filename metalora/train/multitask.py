@@ -31,7 +31,7 @@ from torch import nn
 
 from metalora.rundir import RunDir
 from metalora.train import distributed as dist_utils
-from metalora.train.batching import Feature, count_tokens, length_grouped_order, micro_batches
+from metalora.train.batching import Feature, count_tokens, length_grouped_order, longest_first, micro_batches
 from metalora.train.counters import Counters
 from metalora.train.engine import Engine, EngineConfig, StepOutput
 from metalora.train.loss import count_label_tokens
@@ -168,7 +168,7 @@ def multitask_step(
     label_tokens = count_label_tokens(batch)  # global N_B: every rank holds the whole batch
     share = dist_utils.shard(batch)
     if config.micro_batch_size or config.group_by_length:  # micro-batches of similar lengths: less
-        share = sorted(share, key=lambda f: -len(f["input_ids"]))  # padding, the same summed gradient
+        share = longest_first(share)  # padding, the same summed gradient
     local = micro_batches(share, pad_token_id, config.micro_batch_size)
     per_task: dict[int, list[float]] = {}
     take_part = (
