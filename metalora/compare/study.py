@@ -35,6 +35,8 @@ from metalora.train.config import RunConfig
 from metalora.train.runner import run as train_run
 
 SEED_KEYS = ("train.seed", "meta.seed", "multitask.seed", "data.pool_seed")
+COST_KEYS = ("optimizer_steps", "samples", "tokens", "wall_time_s")
+"""The training costs a result records (summed over a LoRA-ST run's tasks)."""
 BASE = "base"
 """The recipe name of the untrained base model (``--base``)."""
 
@@ -151,7 +153,7 @@ def score_base(job: Job) -> dict[str, Any]:
         "split": job.settings.split,
         "scores": scores,
         "trainable_params": 0,
-        "counters": dict.fromkeys(("optimizer_steps", "samples", "tokens", "wall_time_s"), 0.0),
+        "counters": dict.fromkeys(COST_KEYS, 0.0),
         "losses": [],
     }
     atomic.write_json(job.result, result)
@@ -255,11 +257,10 @@ def summed_counters(run_dir: RunDir) -> dict[str, float]:
         if run_dir.counters.is_file()
         else sorted(run_dir.tasks_root.glob("*/counters.json"))
     )
-    keys = ("optimizer_steps", "samples", "tokens", "wall_time_s")
-    totals = dict.fromkeys(keys, 0.0)
+    totals = dict.fromkeys(COST_KEYS, 0.0)
     for path in paths:
         data = json.loads(path.read_text())
-        for key in keys:
+        for key in COST_KEYS:
             totals[key] += data.get(key, 0)
     return totals
 

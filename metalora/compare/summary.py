@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from metalora import atomic  # noqa: E402
+from metalora.compare.study import COST_KEYS  # noqa: E402
 from metalora.report import save_figure  # noqa: E402
 from metalora.stats import mean_ci, paired_bootstrap  # noqa: E402
 
-COST_KEYS = ("optimizer_steps", "samples", "tokens", "wall_time_s")
 MMLU_MATH = (
     "abstract_algebra",
     "college_mathematics",
