@@ -180,7 +180,10 @@ def timed_reference(cmd: list[str], run_dir: Path) -> float:
     first = last = None
     lines = 0
     while proc.poll() is None:
-        now = sum(len(p.read_text().splitlines()) for p in run_dir.rglob("metrics.jsonl"))
+        # the run's and its LoRA-ST tasks' logs only: an rglob would walk checkpoint directories that the run
+        # rotates away mid-scan (FileNotFoundError)
+        logs = [*run_dir.glob("metrics.jsonl"), *run_dir.glob("tasks/*/metrics.jsonl")]
+        now = sum(len(p.read_text().splitlines()) for p in logs)
         if now > lines:
             lines, last = now, time.perf_counter()
             first = first or last
