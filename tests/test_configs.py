@@ -38,3 +38,18 @@ def test_recipe_resolves_and_builds_its_adapter_config(path):
         adapter["task_names"] = cfg["data"]["tasks"]
     built = config_from_dict(kind, adapter)
     assert built.adapter_type == kind
+
+
+STUDY_RECIPES = sorted(
+    p
+    for p in (Path(__file__).resolve().parent.parent / "configs" / "studies").glob("*/*.yaml")
+    if p.stem != "eval_tasks"
+)
+
+
+@pytest.mark.parametrize("path", STUDY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_study_recipe_resolves_as_written(path):
+    """A study's recipe resolves without overrides, under its file's name, and round-trips."""
+    cfg = resolve_config(path)
+    assert cfg["name"] == path.stem and cfg["algorithm"] in ALGORITHMS
+    assert resolve_config(cfg) == cfg

@@ -2,7 +2,7 @@
 
 Each (recipe, seed) is one run directory ``DIR/runs/<recipe>-s<seed>`` trained by ``metalora.train.run``
 with the seed applied to every random choice of training (``train``, ``meta``, ``multitask`` and
-``reweight`` seeds, and the few-shot draw ``data.pool_seed``) while ``data.seed`` (the split) stays as the
+``reweight`` and ``select`` seeds, and the few-shot draw ``data.pool_seed``) while ``data.seed`` (the split) stays as the
 recipe has it, so every run is scored on the same held-out items. The scores, trainable parameters and
 counters go to ``DIR/results/<recipe>-s<seed>.json``; a result already there is reused and a run
 interrupted midway resumes from its checkpoint, so ``metalora compare`` can be stopped and started again.
@@ -81,6 +81,7 @@ def recipe_name(recipe: str) -> str:
 
 def seed_overrides(config: RunConfig, seed: int) -> list[str]:
     keys = [*SEED_KEYS, *(["reweight.seed"] if config.algorithm == "reweight" else [])]
+    keys += ["select.seed"] if config.select is not None else []
     return [f"{key}={seed}" for key in keys]
 
 

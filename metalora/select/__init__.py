@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from metalora.select.bm25 import bm25_scores
 from metalora.select.classifier import classifier_scores, pareto_keep
 from metalora.select.dsir import dsir_log_importance, gumbel_top_k
+from metalora.select.examples import select_examples
 from metalora.select.io import PathLike, read_jsonl, read_texts, write_jsonl
 from metalora.select.mix import mix_counts, mix_rows
+from metalora.select.scoring import METHODS, check_options, score_texts
 
 __all__ = [
     "METHODS",
@@ -36,26 +36,10 @@ __all__ = [
     "mix_rows",
     "pareto_keep",
     "read_jsonl",
+    "select_examples",
     "select_jsonl",
     "write_jsonl",
 ]
-
-# method -> the keyword options it accepts (beyond k, ratio, seed, text_fields)
-METHODS: dict[str, tuple[str, ...]] = {
-    "bm25": ("aggregate", "k1", "b", "stopwords"),
-    "dsir": ("num_buckets", "n", "smoothing", "hash_name", "temperature"),
-    "classifier": ("num_buckets", "n", "C", "max_iter", "sampling", "alpha"),
-    "mix": (),
-}
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-scores, kind="stable")[:k]
-
-
-def _mean_one(weights: np.ndarray) -> np.ndarray:
-    mean = weights.mean()
-    return np.ones_like(weights) if mean <= 0 else weights / mean
 
 
 def select_jsonl(
@@ -76,7 +60,7 @@ def select_jsonl(
     method, the names in ``METHODS`` (e.g. ``aggregate="max"`` for BM25, ``temperature=0`` for DSIR,
     ``sampling="pareto", alpha=9`` for the classifier).
     """
-    _check_options(method, k, ratio, options)
+    check_options(method, k, ratio, options)
     rows, texts = read_texts(candidates_path, text_fields)
     target_rows, target_texts = read_texts(target_path, text_fields)
     if k is not None and method != "mix" and not 1 <= k <= len(rows):
@@ -100,7 +84,7 @@ def select_jsonl(
         summary["n_from_target"] = sum(r["selection_source"] == "target" for r in mixed)
         summary["n_written"] = write_jsonl(mixed, out_path)
         return summary
-    scores, weights, chosen = _score(method, texts, target_texts, k, seed, dict(options))
+    scores, weights, chosen = score_texts(method, texts, target_texts, k, seed, dict(options))
     if chosen is None:
         out = [
             {**row, "selection_score": float(s), "weight": float(w)}
@@ -112,40 +96,3 @@ def select_jsonl(
     summary |= {"score_min": float(scores.min()), "score_mean": float(scores.mean())}
     summary["score_max"] = float(scores.max())
     return summary
-
-
-def _check_options(method: str, k: int | None, ratio: float | None, options: dict[str, Any]) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; choose one of {sorted(METHODS)}")
-    unknown = sorted(set(options) - set(METHODS[method]))
-    if unknown:
-        raise ValueError(
-            f"method {method!r} takes no option(s) {unknown}; it accepts {list(METHODS[method])}"
-        )
-    if ratio is not None and method != "mix":
-        raise ValueError(f"ratio applies to method 'mix' only, not {method!r}; use k to choose a size")
-    if options.get("sampling") not in (None, "top_k", "pareto"):
-        raise ValueError(f"classifier sampling must be 'top_k' or 'pareto', got {options['sampling']!r}")
-    if options.get("sampling") == "pareto" and k is not None:
-        raise ValueError("classifier sampling='pareto' keeps a random number of rows; do not pass k")
-
-
-def _score(
-    method: str, texts: list[str], target_texts: list[str], k: int | None, seed: int, options: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(scores, mean-one weights, the chosen rows in order or None to keep all) of one scoring method."""
-    sampling = options.pop("sampling", None)
-    alpha = options.pop("alpha", 9.0)
-    temperature = options.pop("temperature", 1.0)
-    if method == "bm25":
-        scores = bm25_scores(texts, target_texts, **options)
-        return scores, _mean_one(scores), _top_k(scores, k) if k is not None else None
-    if method == "dsir":
-        scores = dsir_log_importance(texts, target_texts, **options)
-        chosen = gumbel_top_k(scores, k, seed=seed, temperature=temperature) if k is not None else None
-        return scores, _mean_one(np.exp(scores - scores.max())), chosen
-    scores = classifier_scores(texts, target_texts, seed=seed, **options)
-    if sampling == "pareto":
-        keep = pareto_keep(scores, alpha=alpha, seed=seed)
-        return scores, _mean_one(scores), np.flatnonzero(keep)[np.argsort(-scores[keep], kind="stable")]
-    return scores, _mean_one(scores), _top_k(scores, k) if k is not None else None

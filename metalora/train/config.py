@@ -13,6 +13,7 @@
     meta: MetaConfig fields      # algorithm: meta
     multitask: MultitaskConfig fields (+ protocol: few_shot | null)   # lora_mt / lora_st
     reweight: ReweightConfig fields                                   # algorithm: reweight
+    select: SelectConfig fields   # lora_mt: train on a BM25 / DSIR / classifier selection or a MIX (selection.py)
     train: EngineConfig fields
 
 ``quantization`` is a top-level key beside ``dtype`` (both say how the base's weights are stored), not part
@@ -48,6 +49,7 @@ from metalora.train.engine import EngineConfig
 from metalora.train.meta import MetaConfig
 from metalora.train.multitask import MultitaskConfig
 from metalora.train.reweight import ReweightConfig
+from metalora.train.selection import SelectConfig
 from metalora.train.typed import FieldTypeError, coerce_fields
 
 Algorithm = Literal["meta", "lora_mt", "lora_st", "reweight"]
@@ -78,12 +80,12 @@ class DataConfig:
     """Seed of the ``examples_per_task`` draw from the train split (None: ``seed``). ``metalora compare``
     varies it with the run's seed while ``seed`` keeps the test items the same."""
     val_task: str | dict[str, Any] | None = None
-    """Reweighting: the trusted validation set (a task name, spec dict or file)."""
+    """Reweighting and ``select:``: the trusted validation set (a task name, spec dict or file)."""
     val_split: str = "dev"
-    """Reweighting: the split of ``val_task`` the validation set is drawn from (never ``test``)."""
+    """Reweighting and ``select:``: the split of ``val_task`` the validation set is drawn from (never ``test``)."""
     val_examples: int | None = None
-    """Reweighting: the validation set's size M, overriding ``reweight.val_ratio`` (None: M = N // val_ratio
-    for a training pool of N; ``metalora.train.reweight_data``)."""
+    """Reweighting and ``select:``: the validation set's size M, overriding ``val_ratio`` (None: M = N //
+    val_ratio for a training pool of N; ``metalora.train.reweight_data``)."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -108,6 +110,7 @@ SECTIONS: dict[str, type] = {
     "meta": MetaConfig,
     "multitask": MultitaskConfig,
     "reweight": ReweightConfig,
+    "select": SelectConfig,
     "train": EngineConfig,
 }
 
@@ -136,6 +139,7 @@ class RunConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     reweight: ReweightConfig | None = None
+    select: SelectConfig | None = None
     train: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -160,6 +164,16 @@ class RunConfig:
                     "algorithm=reweight needs data.val_task: the trusted validation task or file"
                 )
             self.reweight = self.reweight or ReweightConfig()
+        if self.select is not None:
+            if self.algorithm != "lora_mt":
+                raise RunConfigError(
+                    f"select: (data selection) applies to algorithm=lora_mt, which trains on one mixed pool; "
+                    f"got algorithm={self.algorithm!r}"
+                )
+            if not self.data.val_task:
+                raise RunConfigError(
+                    "select: needs data.val_task: the validation (target) task or file the pool is compared with"
+                )
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -195,7 +209,7 @@ class RunConfig:
             raise RunConfigError(str(exc)) from None
         for section, section_cls in SECTIONS.items():
             given = raw.get(section)
-            if given is None and section in ("reweight", "data"):
+            if given is None and section in ("reweight", "select", "data"):
                 continue
             values[section] = build_section(section_cls, section, given or {})
         if "data" not in values:

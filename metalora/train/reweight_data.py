@@ -54,9 +54,11 @@ def draw_validation_set(
     seed: int,
     exclude: Collection[tuple[str, str]] = (),
     size: int | None = None,
+    ratio_key: str = "reweight.val_ratio",
 ) -> list[Example]:
     """M = ``validation_set_size(n_train, ratio, size)`` of ``candidates`` not in ``exclude`` ((task, id)
-    keys of the test items), the first M of a permutation seeded by ``seed``; raises when fewer remain."""
+    keys of the test items), the first M of a permutation seeded by ``seed``; raises when fewer remain
+    (naming ``ratio_key``, the recipe key of ``ratio``)."""
     m = validation_set_size(n_train, ratio, size)
     excluded = set(exclude)
     eligible = [e for e in candidates if (e.task, e.id) not in excluded]
@@ -64,7 +66,7 @@ def draw_validation_set(
         how = f"data.val_examples={size}" if size is not None else f"N // val_ratio = {n_train} // {ratio}"
         raise ReweightConfigError(
             f"the validation set needs M = {m} examples ({how}) but the validation source has "
-            f"{len(eligible)} outside the test items; raise reweight.val_ratio, set data.val_examples, or "
+            f"{len(eligible)} outside the test items; raise {ratio_key}, set data.val_examples, or "
             "choose a larger data.val_split"
         )
     order = np.random.default_rng([int(seed), VALIDATION_STREAM]).permutation(len(eligible))

@@ -34,6 +34,7 @@ from metalora.train.meta import build_sampler, train_meta
 from metalora.train.multitask import few_shot_epochs, steps_for_epochs, train_multitask, train_single_task
 from metalora.train.reweight import train_reweight
 from metalora.train.reweight_data import draw_validation_set, held_out_keys
+from metalora.train.selection import select_pool
 
 __all__ = ["ALGORITHMS", "RunConfigError", "resolve_config", "run"]
 
@@ -66,8 +67,13 @@ def run(config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[
     k = cfg.data.examples_per_task
     pool_seed = cfg.data.seed if cfg.data.pool_seed is None else cfg.data.pool_seed
     examples = build_pools(tasks, k, seed=pool_seed) if k else {t.name: t.train for t in tasks}
+    selection = None
+    if cfg.select is not None:
+        n_pool = sum(len(e) for e in examples.values())
+        target = _validation_examples(cfg, n_pool, cfg.select.val_ratio, cfg.select.seed, "select.val_ratio")
+        examples, selection = select_pool(cfg.select, examples, target)
     model, tokenizer = load_model(cfg)
-    task_to_id = task_id_map(tasks)
+    task_to_id = _with_extra_tasks(task_id_map(tasks), examples, cfg)
     features, stats = {}, {}
     for name, exs in examples.items():
         features[name], st = _tokenize(exs, tokenizer, task_to_id, cfg)
@@ -86,6 +92,8 @@ def run(config: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[
     data_info = {"task_to_id": task_to_id, "train_examples": {n: len(e) for n, e in examples.items()}}
     if data.validation:  # which examples formed reweighting's validation set, beside the training pools
         data_info["validation_ids"] = [f["sample_id"] for f in data.validation]
+    if selection is not None:
+        data_info["selection"] = selection
     with run_dir.lock() if dist_utils.rank() == 0 else contextlib.nullcontext():
         _write_run_files(run_dir, cfg, data_info | {"tokenize": stats})
         ALGORITHM_RUNNERS[cfg.algorithm](cfg, model, tokenizer, data, run_dir)
@@ -146,12 +154,10 @@ assert set(ALGORITHM_RUNNERS) == set(ALGORITHMS)
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def _validation_features(
-    cfg: RunConfig, tokenizer: Any, task_to_id: dict[str, int], n_train: int
-) -> list[Feature]:
-    """The reweighting validation set (``reweight_data``): M = N // ``reweight.val_ratio`` examples (N =
-    ``n_train``, the training pool) of ``data.val_split`` of ``data.val_task``, drawn with ``reweight.seed``,
-    none of them a test item; tokenized like training."""
+def _validation_examples(cfg: RunConfig, n_train: int, ratio: int, seed: int, ratio_key: str) -> list:
+    """The validation set (``reweight_data``): M = N // ``ratio`` examples (N = ``n_train``, the training
+    pool; ``data.val_examples`` sets M) of ``data.val_split`` of ``data.val_task``, drawn with ``seed``, none
+    of them a test item. Reweighting's validation set and ``select:``'s target set."""
     data = cfg.data
     if data.val_split == "test":
         raise RunConfigError("data.val_split='test': the validation set must be disjoint from the test items")
@@ -159,23 +165,47 @@ def _validation_features(
     candidates = val_task.split(data.val_split)
     if not candidates:
         raise RunConfigError(f"data.val_task {val_task.name!r} has no examples in split {data.val_split!r}")
-    examples = draw_validation_set(
-        candidates,
-        n_train,
-        cfg.reweight.val_ratio,
-        cfg.reweight.seed,
-        exclude=held_out_keys(val_task.test),
-        size=data.val_examples,
+    exclude = held_out_keys(val_task.test)
+    return draw_validation_set(
+        candidates, n_train, ratio, seed, exclude=exclude, size=data.val_examples, ratio_key=ratio_key
     )
+
+
+def _validation_features(
+    cfg: RunConfig, tokenizer: Any, task_to_id: dict[str, int], n_train: int
+) -> list[Feature]:
+    """The reweighting validation set (``_validation_examples`` with ``reweight.val_ratio`` and
+    ``reweight.seed``), tokenized like training."""
+    r = cfg.reweight
+    examples = _validation_examples(cfg, n_train, r.val_ratio, r.seed, "reweight.val_ratio")
+    name = examples[0].task
     ids = dict(task_to_id)
-    if val_task.name not in ids:
-        if ADAPTER_TYPES[cfg.adapter.get("type", "lora")][0].task_routed:
+    if name not in ids:
+        if _task_routed(cfg):
             raise RunConfigError(
-                f"data.val_task {val_task.name!r} is not one of data.tasks {sorted(task_to_id)}: a task-routed "
+                f"data.val_task {name!r} is not one of data.tasks {sorted(task_to_id)}: a task-routed "
                 "adapter can only score validation samples of a task it routes"
             )
-        ids[val_task.name] = 0  # an adapter that does not route by task ignores the id
+        ids[name] = 0  # an adapter that does not route by task ignores the id
     return _tokenize(examples, tokenizer, ids, cfg)[0]
+
+
+def _task_routed(cfg: RunConfig) -> bool:
+    return ADAPTER_TYPES[cfg.adapter.get("type", "lora")][0].task_routed
+
+
+def _with_extra_tasks(
+    task_to_id: dict[str, int], examples: dict[str, list], cfg: RunConfig
+) -> dict[str, int]:
+    """The task ids, with one more for each task that only ``select.method: mix`` brought in (the
+    validation task's examples); a task-routed adapter has no head for it and is refused."""
+    extra = [name for name in examples if name not in task_to_id]
+    if extra and _task_routed(cfg):
+        raise RunConfigError(
+            f"select.method=mix adds examples of {extra}, which are not in data.tasks {sorted(task_to_id)}: a "
+            "task-routed adapter has no head for them; add the validation task to data.tasks"
+        )
+    return task_to_id | {name: len(task_to_id) + i for i, name in enumerate(extra)}
 
 
 def _tokenize(examples: list, tokenizer: Any, task_to_id: dict[str, int], cfg: RunConfig):
