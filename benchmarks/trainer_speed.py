@@ -6,9 +6,10 @@
 The same tokenized pools as ``benchmarks/padding.py``'s Table 2 setting (eight commonsense tasks, 100
 examples each, ≤ 256 tokens, SmolLM2 tokenizer), LoRA r=16 on q,k,v,o, batch 8, AdamW at 1e-3, grad-norm
 clip 1.0, fp32, one thread. Variants: metalora's engine (``multitask_step`` + ``outer_step``) with one batch,
-with sorted micro-batches of 2, and with ``group_by_length``; ``Trainer`` + ``peft.get_peft_model`` (HF's
-``DataCollatorForSeq2Seq`` padding) plain and with ``train_sampling_strategy="group_by_length"`` (transformers
-5's name for ``group_by_length=True``). A step's time is this process's
+with sorted micro-batches of 2, with ``group_by_length``, and padding-free (``multitask.packing``: one packed
+row per step); ``Trainer`` + ``peft.get_peft_model`` (HF's ``DataCollatorForSeq2Seq`` padding) plain, with
+``train_sampling_strategy="group_by_length"`` (transformers 5's name for ``group_by_length=True``), and
+padding-free with HF's ``DataCollatorWithFlattening`` (the same packed row and position ids). A step's time is this process's
 CPU time between consecutive step ends (the first step is left out), so neighbours on a shared machine do
 not count; tokens/s = the non-padding input tokens of the timed batches over their time. Variants run
 round-robin ``--repeats`` times; the fastest repeat of each is kept.
@@ -26,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import peft
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, markdown_table  # noqa: E402
@@ -40,12 +47,17 @@ from metalora.train.multitask import EpochBatches, MultitaskConfig, multitask_st
 
 STORE = RESULTS / "trainer_speed.json"
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-OURS = {  # name: (micro_batch_size, group_by_length)
-    "metalora, one batch": (None, False),
-    "metalora, sorted micro-batches of 2": (2, False),
-    "metalora, group_by_length": (None, True),
+OURS = {  # name: (micro_batch_size, group_by_length, packing)
+    "metalora, one batch": (None, False, False),
+    "metalora, sorted micro-batches of 2": (2, False, False),
+    "metalora, group_by_length": (None, True, False),
+    "metalora, packed (padding-free)": (None, False, True),
 }
-THEIRS = {"Trainer + PEFT": False, "Trainer + PEFT, group_by_length": True}
+THEIRS = {  # name: (group_by_length, padding-free)
+    "Trainer + PEFT": (False, False),
+    "Trainer + PEFT, group_by_length": (True, False),
+    "Trainer + PEFT, padding-free (DataCollatorWithFlattening)": (False, True),
+}
 
 
 def pools(tokenizer: Any) -> list[dict[str, Any]]:
@@ -55,9 +67,11 @@ def pools(tokenizer: Any) -> list[dict[str, Any]]:
     return [f for exs in examples.values() for f in tokenize_examples(exs, tokenizer, ids, max_length=256)[0]]
 
 
-def ours(features: list[dict], micro: int | None, grouped: bool, steps: int) -> tuple[float, int]:
+def ours(
+    features: list[dict], micro: int | None, grouped: bool, packing: bool, steps: int
+) -> tuple[float, int]:
     model = add_adapter(load_base("smollm2-135m")[0], config_from_dict("lora", dict(LORA)), seed=0)
-    config = MultitaskConfig(batch_size=8, micro_batch_size=micro, group_by_length=grouped)
+    config = MultitaskConfig(batch_size=8, micro_batch_size=micro, group_by_length=grouped, packing=packing)
     batches = EpochBatches(features, 8, seed=0, group_by_length=grouped)
     seconds, tokens = 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +87,7 @@ def ours(features: list[dict], micro: int | None, grouped: bool, steps: int) -> 
     return seconds, tokens
 
 
-def theirs(features: list[dict], tokenizer: Any, grouped: bool, steps: int) -> tuple[float, int]:
+def theirs(features: list[dict], tokenizer: Any, grouped: bool, flat: bool, steps: int) -> tuple[float, int]:
     model = peft.get_peft_model(
         load_base("smollm2-135m")[0],
         peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"]),
@@ -82,7 +96,11 @@ def theirs(features: list[dict], tokenizer: Any, grouped: bool, steps: int) -> t
         {"input_ids": f["input_ids"], "labels": f["labels"], "attention_mask": [1] * len(f["input_ids"])}
         for f in features
     ]
-    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    pad = (
+        DataCollatorWithFlattening()  # one row, position ids restarting per sample, no attention mask
+        if flat
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    )
     tokens: list[int] = []
     ends: list[float] = []
 
@@ -115,8 +133,8 @@ def measure(steps: int, repeats: int) -> dict[str, Any]:
     features = pools(tokenizer)
     best: dict[str, tuple[float, int]] = {}
     for _ in range(repeats):  # round-robin, so drift hits every variant alike
-        runs = {n: (lambda m=m, g=g: ours(features, m, g, steps)) for n, (m, g) in OURS.items()}
-        runs |= {n: (lambda g=g: theirs(features, tokenizer, g, steps)) for n, g in THEIRS.items()}
+        runs = {n: (lambda v=v: ours(features, *v, steps)) for n, v in OURS.items()}
+        runs |= {n: (lambda v=v: theirs(features, tokenizer, *v, steps)) for n, v in THEIRS.items()}
         for name, fn in runs.items():
             seconds, tokens = fn()
             if name not in best or seconds / tokens < best[name][0] / best[name][1]:
@@ -142,7 +160,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['tokens_per_s'] / ref:.2f}",
         ]
         for n, r in rows.items()
-    ]
+    ]  # a variant stored before it existed (packing) is simply absent
     header = ["variant", "tokens timed", "CPU s", "tokens/s", "vs Trainer + group_by_length"]
     return (
         f"{result['steps'] - 1} timed steps of batch 8 each, fastest of {result['repeats']} round-robin repeats.\n\n"

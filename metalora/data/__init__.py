@@ -5,7 +5,7 @@ See ``docs/data.md`` for the built-in tasks, their sizes, splits and licenses.
 """
 
 from metalora.data.builtin import BUILTINS, list_builtins, mmlu_subjects, resolve_builtin
-from metalora.data.collate import collate
+from metalora.data.collate import collate, collate_packed
 from metalora.data.errors import MetaloraDataError
 from metalora.data.example import Example, Task
 from metalora.data.samplers import (
@@ -40,6 +40,7 @@ __all__ = [
     "TokenizeStats",
     "build_pools",
     "collate",
+    "collate_packed",
     "few_shot_pool",
     "format_mc_prompt",
     "format_mc_response",

@@ -44,3 +44,37 @@ def collate(
         "task_ids": torch.tensor([int(f["task_id"]) for f in features], dtype=torch.long),
         "sample_ids": [str(f["sample_id"]) for f in features],
     }
+
+
+def collate_packed(features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate features into one row with no padding (padding-free packing).
+
+    Returns ``{input_ids LongTensor[1, T], position_ids LongTensor[1, T] (0, 1, … restarting at each
+    sample), labels LongTensor[1, T], segment_ids LongTensor[T] (the sample of each token), task_ids
+    LongTensor[S], sample_ids list[str]}`` with T the features' total length. There is no
+    ``attention_mask``: given ``position_ids`` and no mask, transformers' mask builder
+    (``masking_utils.find_packed_sequence_indices``) makes attention block-causal per sample, so every sample
+    attends only to itself at its own positions, as it would alone. Each sample's first label is -100, so
+    no position predicts the next sample's first token.
+    """
+    if not features:
+        raise MetaloraDataError("collate_packed got no features")
+    input_ids, labels, positions, segments = [], [], [], []
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        if len(f["labels"]) != n or n == 0:
+            raise MetaloraDataError(
+                f"feature {f.get('sample_id')!r}: input_ids and labels must be non-empty and of one length"
+            )
+        input_ids += list(f["input_ids"])
+        labels += [IGNORE_INDEX, *list(f["labels"])[1:]]  # position 0 is never a target of its own sample
+        positions += range(n)
+        segments += [i] * n
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "segment_ids": torch.tensor(segments, dtype=torch.long),
+        "task_ids": torch.tensor([int(f["task_id"]) for f in features], dtype=torch.long),
+        "sample_ids": [str(f["sample_id"]) for f in features],
+    }

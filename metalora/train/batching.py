@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from metalora.data import collate
+from metalora.data import collate, collate_packed
 
 Feature = dict[str, Any]
 
@@ -25,12 +25,16 @@ MEGABATCH_FACTOR = 50
 """Batches per mega-batch of ``length_grouped_order`` (HF ``LengthGroupedSampler``'s default)."""
 
 
-def micro_batches(features: Sequence[Feature], pad_token_id: int, size: int | None) -> list[dict[str, Any]]:
-    """``features`` collated into consecutive micro-batches of at most ``size`` (one batch when None)."""
+def micro_batches(
+    features: Sequence[Feature], pad_token_id: int, size: int | None, packed: bool = False
+) -> list[dict[str, Any]]:
+    """``features`` collated into consecutive micro-batches of at most ``size`` (one batch when None);
+    ``packed``: each micro-batch is one row with no padding (``data.collate_packed``)."""
     if not features:
         return []
     size = size or len(features)
-    return [collate(features[i : i + size], pad_token_id) for i in range(0, len(features), size)]
+    slices = [features[i : i + size] for i in range(0, len(features), size)]
+    return [collate_packed(part) if packed else collate(part, pad_token_id) for part in slices]
 
 
 def count_tokens(features: Sequence[Feature]) -> int:

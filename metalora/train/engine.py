@@ -58,7 +58,7 @@ from metalora.train import checkpoint, sharding
 from metalora.train import distributed as dist_utils
 from metalora.train.counters import Counters, peak_memory
 from metalora.train.logging import MetricsLogger, Progress
-from metalora.train.loss import label_token_count, token_loss_rows
+from metalora.train.loss import label_token_count, token_loss_rows, token_loss_segments
 from metalora.train.signals import deferred_signals
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -269,8 +269,16 @@ class Engine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def loss_rows(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-row Σ token losses [B], per-row label tokens [B]) of one batch; call inside ``routing(batch)``."""
+        """(per-sample Σ token losses [B], per-sample label tokens [B]) of one batch; call inside
+        ``routing(batch)``. A packed batch (``data.collate_packed``: one row, ``position_ids`` restarting per
+        sample, no attention mask, so attention is block-causal per sample) gives one entry per sample."""
         input_ids = batch["input_ids"].to(self.device)
+        if "position_ids" in batch:
+            with self.autocast():
+                logits = self.model(
+                    input_ids=input_ids, position_ids=batch["position_ids"].to(self.device), use_cache=False
+                ).logits
+            return token_loss_segments(logits, batch["labels"], batch["segment_ids"], len(batch["task_ids"]))
         attention_mask = batch["attention_mask"].to(self.device)
         with self.autocast():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -295,7 +303,7 @@ class Engine:
         if reduction not in ("token", "sample"):
             raise ValueError(f"reduction={reduction!r}: expected 'token' or 'sample'")
         if normalizer is None and reduction == "sample":
-            normalizer = float(sum(len(b["labels"]) for b in batches))
+            normalizer = float(sum(len(b["task_ids"]) for b in batches))  # samples, packed or not
         elif normalizer is None:
             normalizer = float(sum(label_token_count(b["labels"]) for b in batches))
         normalizer = max(normalizer, 1.0)

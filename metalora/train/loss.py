@@ -28,6 +28,7 @@ __all__ = [
     "loss_positions",
     "per_sample_loss",
     "token_loss_rows",
+    "token_loss_segments",
 ]
 
 
@@ -48,6 +49,21 @@ def count_label_tokens(features: Sequence[dict[str, Any]]) -> int:
     return sum(label_token_count(torch.as_tensor([f["labels"]])) for f in features)
 
 
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] next-token cross-entropy of position t against labels[:, t+1] (0 where that is -100), in at
+    least float32."""
+    labels = labels.to(logits.device)
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy a [B, L, V] tensor.
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # target of position t
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).to(dtype),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+
+
 def token_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample sums of next-token cross-entropy over the unmasked labels, and their counts.
 
@@ -58,17 +74,21 @@ def token_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     Returns:
         ``(sums [B], counts [B] long)``, computed in at least float32 (float64 logits stay float64).
     """
-    labels = labels.to(logits.device)
-    # Shift the labels, not the logits: slicing logits[:, :-1] would copy a [B, L, V] tensor.
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # target of position t
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).to(dtype),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)  # [B, L], 0 where masked
-    return token_loss.sum(dim=1), loss_positions(labels).sum(dim=1)
+    return _token_losses(logits, labels).sum(dim=1), loss_positions(labels).sum(dim=1)
+
+
+def token_loss_segments(
+    logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor, segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_loss_rows`` of a packed row (``data.collate_packed``): the sums and counts per sample.
+
+    ``logits`` ``[1, T, V]``, ``labels`` ``[1, T]`` (each sample's first label -100, so no position targets
+    the next sample), ``segment_ids`` ``[T]``: the sample of each token, 0 … ``segments`` − 1."""
+    losses = _token_losses(logits, labels)[0]
+    index = segment_ids.to(losses.device)
+    sums = torch.zeros(segments, dtype=losses.dtype, device=losses.device).index_add(0, index, losses)
+    counts = torch.zeros(segments, dtype=torch.long, device=losses.device)
+    return sums, counts.index_add(0, index, loss_positions(labels)[0].to(losses.device).long())
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

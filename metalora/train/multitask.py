@@ -64,6 +64,11 @@ class MultitaskConfig:
     """Batches of similar lengths (HF ``Trainer``'s option of the same name; ``batching.length_grouped_order``):
     less padding, the same samples per epoch, other batch compositions, so off by default (results stay
     those of the plain shuffle)."""
+    packing: bool = False
+    """Padding-free packing: each micro-batch's samples concatenated into one row with per-sample positions
+    and block-causal attention (``data.collate_packed``): no padding token at all, the same per-sample losses
+    and summed gradient (to float rounding). Not for task-routed adapters (MTL-LoRA, MoELoRA), whose routing
+    is per row."""
 
     def __post_init__(self) -> None:
         if self.protocol not in (None, "few_shot"):
@@ -169,7 +174,7 @@ def multitask_step(
     share = dist_utils.shard(batch)
     if config.micro_batch_size or config.group_by_length:  # micro-batches of similar lengths: less
         share = longest_first(share)  # padding, the same summed gradient
-    local = micro_batches(share, pad_token_id, config.micro_batch_size)
+    local = micro_batches(share, pad_token_id, config.micro_batch_size, packed=config.packing)
     per_task: dict[int, list[float]] = {}
     take_part = (
         local or engine.sharded
@@ -209,6 +214,11 @@ def train_multitask(
     if config.epochs is not None:
         engine_config.max_steps = steps_for_epochs(len(features), config.batch_size, config.epochs)
     engine = Engine(model, engine_config, run_dir)
+    if config.packing and engine.routed:
+        raise MultitaskConfigError(
+            "multitask.packing=true with a task-routed adapter (MTL-LoRA, MoELoRA): it routes each row to one "
+            "task, and a packed row holds several samples; set multitask.packing=false"
+        )
     batches = EpochBatches(features, config.batch_size, config.seed, config.group_by_length)
 
     def step(_: int) -> StepOutput:
