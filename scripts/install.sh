@@ -29,3 +29,11 @@ if [ "${1:-}" = "--dev" ]; then
   "$PY" -c "from metalora.models import convert_embedded; convert_embedded('gemma3-270m')" ||
     echo "warning: gemma3-270m not converted; the first load_base('gemma3-270m') will try again" >&2
 fi
+# 6. dev: DeepSpeed, an optional backend (train.sharding: zero2 | zero3), so its tests run in CI. --no-deps
+#    keeps the pinned CPU torch (DeepSpeed declares torch), --no-build-isolation builds its sdist against
+#    that torch instead of downloading another; its small pure-Python dependencies are installed beside.
+if [ "${1:-}" = "--dev" ]; then
+  "$PY" -c "import deepspeed" 2>/dev/null ||
+    { $PIP install setuptools wheel hjson ninja einops msgpack py-cpuinfo psutil &&
+      $PIP install --no-deps --no-build-isolation "deepspeed==0.19.8"; }
+fi

@@ -48,15 +48,17 @@ def engine_config(sharding: str = "none", **kw) -> EngineConfig:
     return EngineConfig(**{**base, "max_grad_norm": 0.5, "sharding": sharding, **kw})
 
 
-def adapter(kind: str) -> torch.nn.Module:
+def adapter(kind: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     cfg = ml.MTLLoRAConfig(r=4, num_tasks=3, task_names=NAMES) if kind == "mtl" else ml.LoRAConfig(r=4)
-    return ml.add_adapter(tiny_model(dtype=torch.float64), cfg)
+    return ml.add_adapter(tiny_model(dtype=dtype), cfg)
 
 
-def run_mt(run_dir: Path, kind: str, sharding: str = "none", **kw) -> torch.nn.Module:
+def run_mt(
+    run_dir: Path, kind: str, sharding: str = "none", dtype: torch.dtype = torch.float64, **kw
+) -> torch.nn.Module:
     from test_train_utils import PAD, make_pools  # tests/ is on sys.path in pytest and the worker alike
 
-    model = adapter(kind)
+    model = adapter(kind, dtype)
     features = sum(make_pools(length=8, vary=True).values(), [])
     cfg = MultitaskConfig(batch_size=5, micro_batch_size=2, seed=1)
     train_multitask(model, features, cfg, engine_config(sharding, **kw), run_dir, PAD, task_names=NAMES)
@@ -172,12 +174,14 @@ def records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
-def assert_same_run(two: Path, one_model: torch.nn.Module, one: Path, kind: str) -> None:
-    assert diff(saved(two), state(one_model)) < TOL, two.name
+def assert_same_run(
+    two: Path, one_model: torch.nn.Module, one: Path, kind: str, tol: float = TOL, rel: float = 1e-9
+) -> None:
+    assert diff(saved(two), state(one_model)) < tol, two.name
     assert diff(state(one_model), state(adapter(kind))) > 1e-3  # it trained
     for a, b in zip(records(two), records(one), strict=True):  # losses and the global (clipped) grad norm
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-9), two.name
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-9), two.name
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel), two.name
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rel), two.name
 
 
 def rewind(run_dir: Path, step: int) -> None:
@@ -226,10 +230,8 @@ def test_accelerate_env_selects_fsdp():
     assert resolve("none", env) == Sharding("fsdp", "accelerate", reshard_after_forward=False)
     assert resolve("none", {}) == Sharding("none", "config")
     assert resolve("fsdp", {"ACCELERATE_USE_FSDP": "false"}) == Sharding("fsdp", "config")
-    with pytest.raises(ShardingError, match="does not implement DeepSpeed"):
-        resolve("none", {"ACCELERATE_USE_DEEPSPEED": "true"})
-    with pytest.raises(EngineConfigError, match="train.sharding='zero3'"):
-        EngineConfig(sharding="zero3")
+    with pytest.raises(EngineConfigError, match="train.sharding='zero1'"):
+        EngineConfig(sharding="zero1")  # DeepSpeed: test_deepspeed.py
 
 
 def test_one_process_ignores_sharding(tmp_path):

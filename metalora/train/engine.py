@@ -60,6 +60,8 @@ from metalora.train.counters import Counters, peak_memory
 from metalora.train.logging import MetricsLogger, Progress
 from metalora.train.loss import label_token_count, token_loss_rows, token_loss_segments
 from metalora.train.signals import deferred_signals
+from metalora.train.zero import STAGES as ZERO_STAGES
+from metalora.train.zero import Zero
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
@@ -115,9 +117,11 @@ class EngineConfig:
     resume: bool = True
     """Continue from ``checkpoints/latest`` of the run directory if there is one."""
     sharding: str = "none"
-    """``none`` (full replicas, gradients all-reduced) or ``fsdp`` (torch FSDP2 ``fully_shard`` of every decoder
-    layer and the root: parameters, gradients and AdamW state sharded over the processes; ``train/sharding.py``).
-    ``accelerate launch`` with an FSDP config selects ``fsdp`` whatever this says. One process: no effect."""
+    """``none`` (full replicas, gradients all-reduced), ``fsdp`` (torch FSDP2 ``fully_shard`` of every decoder
+    layer and the root: parameters, gradients and AdamW state sharded over the processes; ``train/sharding.py``),
+    or ``zero2`` / ``zero3`` (DeepSpeed ZeRO: gradients and AdamW state, and with ZeRO-3 every parameter,
+    partitioned; LoRA-MT and LoRA-ST; ``train/zero.py``). ``accelerate launch`` with an FSDP or DeepSpeed config
+    selects it whatever this says. One process: no effect."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them (HF activation
     checkpointing, non-reentrant): less activation memory for one more forward per backward. The gradients
@@ -222,6 +226,11 @@ class Engine:
         self.sharded = self.sharding.mode == "fsdp" and dist_utils.world_size() > 1
         if self.sharded:
             sharding.shard_model(model, self.sharding.reshard_after_forward)
+        several = dist_utils.world_size() > 1
+        self.zero_stage = ZERO_STAGES.get(self.sharding.mode) if several else None
+        self.zero: Zero | None = (
+            None  # DeepSpeed wraps the model when training starts (after a resume's load)
+        )
         self.params: dict[str, nn.Parameter] = adapter_parameters(model)
         self.routed = is_task_routed(model)
         self.optimizer = torch.optim.AdamW(
@@ -240,14 +249,28 @@ class Engine:
         self.step = 0
         self._log_sharding()
 
+    @property
+    def lockstep(self) -> bool:
+        """Every rank must run every forward and backward (FSDP's and ZeRO's collectives pair up)."""
+        return self.sharded or self.zero_stage is not None
+
     def _log_sharding(self) -> None:
         """Say which sharding the run uses and who chose it (stderr, ``metrics.jsonl``, ``counters.json``)."""
-        if not (self.sharded or self.sharding.source == "accelerate"):
+        if not (self.lockstep or self.sharding.source == "accelerate"):
             return  # the default: nothing to say
-        mode = self.sharding.mode if self.sharded else "none"
+        mode = self.sharding.mode if self.lockstep else "none"
         self.logger.log({"event": "sharding", "sharding": mode, "source": self.sharding.source})
-        how = "accelerate launch's FSDP config" if self.sharding.source == "accelerate" else "train.sharding"
-        what = f"FSDP2 fully_shard over {self.world_size} processes" if self.sharded else "one process"
+        kind = "DeepSpeed" if self.sharding.mode in ZERO_STAGES else "FSDP"
+        how = (
+            f"accelerate launch's {kind} config" if self.sharding.source == "accelerate" else "train.sharding"
+        )
+        what = (
+            f"FSDP2 fully_shard over {self.world_size} processes"
+            if self.sharded
+            else f"DeepSpeed ZeRO-{self.zero_stage} over {self.world_size} processes"
+            if self.zero_stage
+            else "one process"
+        )
         if self.is_main:
             print(f"metalora: sharding={mode} ({what}) from {how}", file=sys.stderr, flush=True)
 
@@ -273,15 +296,16 @@ class Engine:
         ``routing(batch)``. A packed batch (``data.collate_packed``: one row, ``position_ids`` restarting per
         sample, no attention mask, so attention is block-causal per sample) gives one entry per sample."""
         input_ids = batch["input_ids"].to(self.device)
+        model = self.zero if self.zero is not None else self.model  # ZeRO: through DeepSpeed's engine
         if "position_ids" in batch:
             with self.autocast():
-                logits = self.model(
+                logits = model(
                     input_ids=input_ids, position_ids=batch["position_ids"].to(self.device), use_cache=False
                 ).logits
             return token_loss_segments(logits, batch["labels"], batch["segment_ids"], len(batch["task_ids"]))
         attention_mask = batch["attention_mask"].to(self.device)
         with self.autocast():
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return token_loss_rows(logits, batch["labels"])
 
     def backward(
@@ -308,17 +332,20 @@ class Engine:
             normalizer = float(sum(label_token_count(b["labels"]) for b in batches))
         normalizer = max(normalizer, 1.0)
         total = 0.0
-        if self.sharded:  # every rank runs as many forward/backward passes as the busiest one
+        if self.lockstep:  # every rank runs as many forward/backward passes as the busiest one
             batches = [
                 *batches,
                 *[empty_batch()] * (dist_utils.max_int(len(batches), self.device) - len(batches)),
             ]
-        for batch in batches:
+        for index, batch in enumerate(batches):
             with self.routing(batch):
                 rows, counts = self.loss_rows(batch)
                 per_row = rows / counts.clamp(min=1) if reduction == "sample" else rows
                 loss_sum = per_row.sum()
-                (loss_sum / normalizer).backward()
+                if self.zero is not None:  # DeepSpeed reduces after the step's last micro-batch
+                    self.zero.backward(loss_sum / normalizer, boundary=index == len(batches) - 1)
+                else:
+                    (loss_sum / normalizer).backward()
             total += float(loss_sum.detach())
             if per_task is not None:
                 for task_id, row, count in zip(
@@ -359,7 +386,12 @@ class Engine:
 
     def sync_grads_(self, scale: float = 1.0) -> None:
         """``.grad`` ← scale · Σ_ranks ``.grad`` for every adapter tensor (identity in one process). A sharded
-        tensor's ``.grad`` is already FSDP's reduce-scattered sum: only scaled."""
+        tensor's ``.grad`` is already FSDP's reduce-scattered sum: only scaled. Under ZeRO, DeepSpeed has
+        reduced them at the step's last backward: nothing to do."""
+        if self.zero is not None:
+            if scale != 1.0:
+                raise sharding.ShardingError("scaled gradients are not supported under DeepSpeed ZeRO")
+            return
         grads = self.grads()
         self.set_grads(grads)
         tensors = list(grads.values())
@@ -380,15 +412,18 @@ class Engine:
         desc: str = "train",
         extra_state: dict[str, Any] | None = None,
         shardable: bool = False,
+        zero: bool = False,
     ) -> Counters:
         """Run ``step_fn`` for steps ``start..max_steps-1`` with an AdamW step after each; returns the counters.
 
         ``stateful`` (the data sampler) is checkpointed and restored with everything else. ``shardable``: the
-        algorithm runs every forward on every rank (what FSDP needs); a sharded run of any other is refused.
+        algorithm runs every forward on every rank (what FSDP needs); ``zero``: it also backpropagates once per
+        step, through ``backward`` (what DeepSpeed ZeRO needs). A sharded run of any other is refused.
         """
-        self._refuse_sharding(desc, shardable)
+        self._refuse_sharding(desc, shardable, zero)
         cfg = self.config
         start = self._resume(stateful) if cfg.resume else 0
+        self._start_zero()
         self.model.train()
         progress = Progress(cfg.max_steps, start, self.is_main and cfg.progress, desc)
         wall_before, t_start = self.counters.wall_time_s, time.perf_counter()
@@ -427,19 +462,36 @@ class Engine:
         self.step = cfg.max_steps
         self.save_checkpoint(cfg.max_steps, stateful, extra_state)
         self._finish(status="completed")
-        tensors = sharding.full_tensors(self.params) if self.sharded else None  # every rank gathers
+        tensors = self._full_params() if self.lockstep else None  # every rank gathers
         if self.is_main:
             save_adapter(self.model, self.run.adapter, tensors=tensors)
         dist_utils.barrier()
         self.logger.close()
         return self.counters
 
-    def _refuse_sharding(self, desc: str, shardable: bool) -> None:
+    def _refuse_sharding(self, desc: str, shardable: bool, zero: bool) -> None:
         if self.sharded and not shardable:
             raise sharding.ShardingError(
                 f"{desc} is not supported with sharding (train.sharding=fsdp or an accelerate FSDP config): "
                 "it needs every rank's full activations and adapter tensors; run it with train.sharding=none"
             )
+        if self.zero_stage and not zero:
+            raise sharding.ShardingError(
+                f"{desc} is not supported with DeepSpeed ZeRO (train.sharding={self.sharding.mode} or an "
+                "accelerate DeepSpeed config): it updates or reads the adapter between backward passes, which "
+                "DeepSpeed's partitioned step does not allow; use train.sharding=fsdp (MeTA-LoRA) or none"
+            )
+
+    def _start_zero(self) -> None:
+        """Wrap the model and optimizer in DeepSpeed (ZeRO runs, once; after a resume has loaded the adapter)."""
+        if self.zero_stage and self.zero is None:
+            self.zero = Zero(self.model, self.optimizer, self.zero_stage, self.config.max_grad_norm)
+
+    def _full_params(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, whole, on every rank (a collective when sharded)."""
+        if self.zero is not None:
+            return self.zero.full_params(self.params)
+        return sharding.full_tensors(self.params)
 
     def _stop_if_signalled(
         self, signum: int | None, done: int, stateful: Stateful | None, extra_state: dict[str, Any] | None
@@ -459,7 +511,7 @@ class Engine:
         returns the gradient norm."""
         grad_norm = self._guarded_grad_norm(out, step)
         if not out.skip_update:
-            self.optimizer.step()
+            (self.zero or self.optimizer).step()
         self.scheduler.step()
         self.zero_grad()
         self.counters.update(out.samples, out.tokens)
@@ -469,9 +521,12 @@ class Engine:
     def _guarded_grad_norm(self, out: StepOutput, step: int) -> float:
         """Clip (if configured) and return the gradient norm; stop the run on a NaN/inf loss or gradient."""
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
-        norm = float(
-            sharding.full_tensor(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
-        )
+        if self.zero is not None:  # DeepSpeed clips inside its step (gradient_clipping = max_grad_norm)
+            norm = self.zero.grad_norm(self.params)
+        else:
+            norm = float(
+                sharding.full_tensor(torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm))
+            )
         if not (math.isfinite(out.loss) and math.isfinite(norm)):
             last = checkpoint.latest(self.checkpoint_dir)
             self.logger.log({"event": "non_finite", "step": step + 1, "loss": out.loss, "grad_norm": norm})
@@ -488,7 +543,7 @@ class Engine:
     def _finish(self, status: str) -> None:
         self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
         if self.is_main:
-            sharded = {"sharding": "fsdp", "world_size": self.world_size} if self.sharded else {}
+            sharded = {"sharding": self.sharding.mode, "world_size": self.world_size} if self.lockstep else {}
             atomic.write_json(self.run.counters, {"status": status, **sharded, **self.counters.to_dict()})
 
     # --- checkpoints ----------------------------------------------------------------------------------
@@ -502,9 +557,12 @@ class Engine:
         if self.sum_over_ranks(float(written)) > 0:  # decided by rank 0, for every rank
             return self.checkpoint_dir / name
         self.counters.peak_memory_bytes, self.counters.peak_memory_kind = peak_memory(self.device)
-        optimizer = (
-            sharding.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
-        )
+        if self.zero is not None:
+            optimizer = self.zero.optimizer_state(self.params)
+        elif self.sharded:
+            optimizer = sharding.full_optimizer_state(self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
         state = {
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
@@ -513,7 +571,7 @@ class Engine:
             "engine_config": asdict(self.config),
             "extra": extra_state or {},
         }
-        adapter = sharding.full_tensors(self.params) if self.sharded else self.params
+        adapter = self._full_params() if self.lockstep else self.params
         return checkpoint.save(self.checkpoint_dir, step, adapter, state, keep=self.config.keep_checkpoints)
 
     def _resume(self, stateful: Stateful | None) -> int:
@@ -535,7 +593,13 @@ class Engine:
         except AdapterLoadError as exc:
             raise checkpoint.CheckpointError(f"{directory} does not fit this run's adapter: {exc}") from None
         sharding.load_full_(self.params, adapter)  # a sharded tensor takes its shard of the full one
-        self.optimizer.load_state_dict(sharding.shard_optimizer_state(self.optimizer, state["optimizer"]))
+        self._start_zero()  # ZeRO: DeepSpeed partitions the restored adapter
+        if self.zero is not None:
+            self.zero.load_optimizer_state(
+                self.params, state["optimizer"], lambda: self.backward([empty_batch()])
+            )
+        else:
+            self.optimizer.load_state_dict(sharding.shard_optimizer_state(self.optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.counters = Counters.from_dict(state["counters"])
         if stateful is not None:

@@ -177,7 +177,7 @@ def multitask_step(
     local = micro_batches(share, pad_token_id, config.micro_batch_size, packed=config.packing)
     per_task: dict[int, list[float]] = {}
     take_part = (
-        local or engine.sharded
+        local or engine.lockstep
     )  # sharded: every rank takes part in every pass, with or without samples
     loss = (
         engine.backward(local, normalizer=float(max(label_tokens, 1)), per_task=per_task)
@@ -224,7 +224,8 @@ def train_multitask(
     def step(_: int) -> StepOutput:
         return multitask_step(engine, batches.sample(), config, pad_token_id, task_names)
 
-    return engine.fit(step, stateful=batches, desc=desc, extra_state={"algorithm": "lora_mt"}, shardable=True)
+    extra = {"algorithm": "lora_mt"}
+    return engine.fit(step, stateful=batches, desc=desc, extra_state=extra, shardable=True, zero=True)
 
 
 def train_single_task(

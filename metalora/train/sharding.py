@@ -22,11 +22,15 @@ token: zero gradient) up to the count of the rank with most.
 **The launcher.** ``accelerate launch --config_file`` with ``distributed_type: FSDP`` sets
 ``ACCELERATE_USE_FSDP=true`` (and ``FSDP_VERSION``, ``FSDP_RESHARD_AFTER_FORWARD``, ...); ``resolve``
 turns that into ``fsdp`` (FSDP2 whatever ``FSDP_VERSION`` says; ``FSDP_RESHARD_AFTER_FORWARD`` is
-honoured). ``ACCELERATE_USE_DEEPSPEED=true`` is refused: DeepSpeed ZeRO is not implemented.
+honoured). With a DeepSpeed config it sets ``ACCELERATE_USE_DEEPSPEED=true`` and
+``ACCELERATE_DEEPSPEED_ZERO_STAGE`` (or names a DeepSpeed JSON in ``ACCELERATE_DEEPSPEED_CONFIG_FILE``);
+``resolve`` turns stage 2 or 3 into ``zero2`` / ``zero3`` (``train/zero.py``), whose DeepSpeed config metalora
+builds itself (clipping from ``train.max_grad_norm``); stages 0/1 and CPU/NVMe offload are refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +41,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-SHARDINGS = ("none", "fsdp")
+SHARDINGS = ("none", "fsdp", "zero2", "zero3")
 TRUE = ("1", "true", "yes")
 
 
@@ -55,19 +59,46 @@ class Sharding:
 
 
 def resolve(configured: str, env: Mapping[str, str] | None = None) -> Sharding:
-    """``train.sharding``, unless accelerate's launcher asks for FSDP (then ``fsdp``); DeepSpeed refused."""
+    """``train.sharding``, unless accelerate's launcher asks for FSDP (``fsdp``) or DeepSpeed (``zero2`` /
+    ``zero3``)."""
     env = os.environ if env is None else env
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
-        raise ShardingError(
-            "accelerate launch asked for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true): metalora does not "
-            "implement DeepSpeed ZeRO; use an FSDP config (configs/accelerate/fsdp2.yaml) or train.sharding=fsdp"
-        )
+        return Sharding(f"zero{deepspeed_stage(env)}", "accelerate")
     reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in TRUE
     if env.get("ACCELERATE_USE_FSDP", "").lower() in TRUE:
         return Sharding("fsdp", "accelerate", reshard)
     if configured not in SHARDINGS:
         raise ShardingError(f"train.sharding={configured!r}: expected one of {SHARDINGS}")
     return Sharding(configured, "config", reshard)
+
+
+def deepspeed_stage(env: Mapping[str, str]) -> int:
+    """The ZeRO stage an accelerate DeepSpeed launch asks for (2 or 3); offload and stages 0/1 refused."""
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if file and file.lower() != "none":
+        try:
+            zero = json.loads(open(file, encoding="utf-8").read()).get("zero_optimization", {})
+        except (OSError, ValueError) as exc:
+            raise ShardingError(f"the DeepSpeed config {file} (accelerate) cannot be read: {exc}") from None
+        stage = zero.get("stage", stage)
+        if any(
+            zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")
+        ):
+            raise ShardingError(
+                f"{file}: ZeRO offload is not supported by metalora; remove offload_* or set none"
+            )
+    for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+        if env.get(key, "none").lower() != "none":
+            raise ShardingError(
+                f"{key}={env[key]}: ZeRO offload is not supported by metalora; set it to none"
+            )
+    if str(stage) not in ("2", "3"):
+        raise ShardingError(
+            f"accelerate launch asked for DeepSpeed ZeRO stage {stage!r}: metalora runs ZeRO-2 or ZeRO-3 "
+            "(zero_stage: 2 or 3 in the accelerate config; configs/accelerate/zero3.yaml)"
+        )
+    return int(stage)
 
 
 def layer_classes(model: nn.Module) -> set[str]:
