@@ -75,3 +75,29 @@ def test_sorted_micro_batches_give_the_full_batch_update(tmp_path):
     assert max_abs_diff(adapter_state(full), adapter_state(accumulated)) < 1e-10
     plain, _ = run_mt(tmp_path / "c", MultitaskConfig(batch_size=6), dtype=torch.float64)
     assert max_abs_diff(adapter_state(full), adapter_state(plain)) > 1e-6
+
+
+def test_reweighting_groups_its_training_batches_when_asked(tmp_path):
+    """``reweight.group_by_length``: the training batches a run records are ``EpochBatches``' grouped ones of
+    the same seed (so every sample once per epoch, the grouping tested above), not the plain shuffle's."""
+    from test_train_utils import PAD, make_features
+
+    import metalora as ml
+    from metalora.testing import tiny_model
+    from metalora.train import EngineConfig
+    from metalora.train.reweight import ReweightConfig, train_reweight
+
+    train = make_features("tr", 0, 12, length=12, seed=5, vary=True)
+    val = make_features("va", 0, 4, length=8, seed=6)
+    recorded = {}
+    for grouped in (False, True):
+        config = ReweightConfig.from_dict({"batch_size": 3, "seed": 4, "group_by_length": grouped})
+        run_dir = tmp_path / f"g{int(grouped)}"
+        model = ml.add_adapter(tiny_model(), ml.LoRAConfig(r=2))
+        train_reweight(model, train, val, config, EngineConfig(max_steps=4, progress=False), run_dir, PAD)
+        lines = (run_dir / "weights.jsonl").read_text().splitlines()
+        recorded[grouped] = [json.loads(line)["sample_ids"] for line in lines]
+        order = EpochBatches(train, 3, seed=4, group_by_length=grouped)
+        assert recorded[grouped] == [[f["sample_id"] for f in order.sample()] for _ in range(4)]
+    assert recorded[True] != recorded[False]
+    assert sorted(i for b in recorded[True] for i in b) == sorted(f["sample_id"] for f in train)

@@ -70,6 +70,7 @@ def test_round_trip_keeps_every_non_default_value():
             "scheme": "two_backward",
             "seed": 7,
             "log_weights": False,
+            "group_by_length": True,
             "stats": {"similarity": "exact", "modules": "mlp", "positions": "all"},
             "direction": {
                 "aggregation": "per_sample",

@@ -306,7 +306,7 @@ class ReweightBatches:
     def __init__(self, train: Sequence[Feature], val: Sequence[Feature], config: ReweightConfig) -> None:
         if not val:
             raise ReweightConfigError("reweighting needs validation features (any task or file)")
-        self.train = EpochBatches(train, config.batch_size, config.seed)
+        self.train = EpochBatches(train, config.batch_size, config.seed, config.group_by_length)
         self.val = EpochBatches(val, min(config.effective_val_batch_size, len(val)), config.seed + 1)
 
     def state_dict(self) -> dict[str, Any]:

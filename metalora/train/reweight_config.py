@@ -2,7 +2,7 @@
 
     reweight:
       batch_size: 8            val_ratio: 10        val_batch_size: null
-      scheme: auto             seed: 0              log_weights: true
+      scheme: auto             seed: 0              log_weights: true    group_by_length: false
       stats:          {similarity: low_rank, modules: all, positions: response}
       direction:      {aggregation: per_sample, balance: none, shared: keep, score: dot}
       weights:        {negative: clip, fallback: skip, no_signal: unweighted, delta: 1.0e-30}
@@ -216,6 +216,10 @@ class ReweightConfig:
     as in the published code; never more than the set holds)."""
     scheme: str = "auto"
     """``fused`` (one backward; plain PEFT LoRA only), ``two_backward`` (any adapter), ``auto``: fused when possible."""
+    group_by_length: bool = False
+    """Training batches of similar lengths (``multitask.group_by_length``'s mega-batch grouping): less padding,
+    every sample still once per epoch; other batch compositions, so off by default. Validation batches are
+    drawn as before."""
     seed: int = 0
     """Seed of the validation-set draw and of the training and validation batch order."""
     log_weights: bool = True
