@@ -31,6 +31,7 @@ def load_gpu() -> ModuleType:
 
 
 gpu = load_gpu()
+from gpubench import base, memory, training  # noqa: E402 (importable once gpu.py put benchmarks/ on sys.path)
 
 
 def number(x: object) -> bool:
@@ -70,7 +71,7 @@ def test_tiny_run_has_the_documented_schema(tiny_results: dict) -> None:
 
 def test_train_steps_and_reweighting_have_time_and_memory(tiny_results: dict) -> None:
     a, c = tiny_results["sections"]["a_train_step"], tiny_results["sections"]["c_reweight_memory"]
-    assert [row["adapter"] for row in a["rows"]] == gpu.TRAIN_VARIANTS
+    assert [row["adapter"] for row in a["rows"]] == base.TRAIN_VARIANTS
     assert [row["step"] for row in c["rows"]] == ["lora", "reweight"]
     for row in a["rows"] + c["rows"]:
         for field in (
@@ -91,7 +92,7 @@ def test_inference_meta_throughput_and_max_batch_are_numbers(tiny_results: dict)
     s = tiny_results["sections"]
     b = s["b_inference"]
     assert {(row["model"], row["batch"]) for row in b["rows"]} == {
-        (m, n) for m in gpu.INFER_VARIANTS for n in b["batch_sizes"]
+        (m, n) for m in base.INFER_VARIANTS for n in b["batch_sizes"]
     }
     assert all(number(row[k]) and row[k] > 0 for row in b["rows"] for k in ("latency_s", "prefill_s"))
     assert all(number(row["decode_step_s"]) for row in b["rows"])
@@ -126,20 +127,20 @@ def test_markdown_prints_every_section_from_the_stored_json(tiny_results: dict) 
 
 def test_flops_formula_against_hand_computed_values() -> None:
     # tiny: per layer 4·64² (attention) + 3·64·172 (MLP) = 16,384 + 33,024; 2 layers; LM head 256·64.
-    assert gpu.matmul_parameters(gpu.SHAPES["tiny"]) == 2 * (16_384 + 33_024) + 16_384 == 115_200
+    assert training.matmul_parameters(gpu.SHAPES["tiny"]) == 2 * (16_384 + 33_024) + 16_384 == 115_200
     # attention: 12 · 2 layers · 4 heads · 16 dims · 32 tokens
-    assert gpu.attention_flops_per_token(gpu.SHAPES["tiny"], 32) == 49_152
-    assert gpu.model_flops_per_token(gpu.SHAPES["tiny"], 32, 1000) == 6 * 116_200 + 49_152
-    assert gpu.lora_flops_per_token(gpu.SHAPES["tiny"], 32, 1000) == 4 * 115_200 + 6_000 + 49_152
+    assert training.attention_flops_per_token(gpu.SHAPES["tiny"], 32) == 49_152
+    assert training.model_flops_per_token(gpu.SHAPES["tiny"], 32, 1000) == 6 * 116_200 + 49_152
+    assert training.lora_flops_per_token(gpu.SHAPES["tiny"], 32, 1000) == 4 * 115_200 + 6_000 + 49_152
     # LLaMA2-7B: 32·(4·4096² + 3·4096·11008) + 32000·4096 (6.74B parameters less the 131M embedding)
-    assert gpu.matmul_parameters(gpu.SHAPES["llama2-7b"]) == 6_607_077_376
+    assert training.matmul_parameters(gpu.SHAPES["llama2-7b"]) == 6_607_077_376
 
 
 def test_matmul_parameters_equal_the_linear_weights_of_the_built_model() -> None:
     setup = gpu.make_setup(gpu.parse_args(["--tiny", "--device", "cpu"]))
-    model = gpu.build_base(setup)
+    model = base.build_base(setup)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    assert linear == gpu.matmul_parameters(gpu.SHAPES["tiny"])
+    assert linear == training.matmul_parameters(gpu.SHAPES["tiny"])
 
 
 def fake_allocator(fixed: int, per_sample: int, limit: int) -> tuple[Callable[[int], bool], list[int]]:
@@ -156,7 +157,7 @@ def fake_allocator(fixed: int, per_sample: int, limit: int) -> tuple[Callable[[i
 @pytest.mark.parametrize("start", [1, 7, 108, 109, 500, 4000])
 def test_largest_batch_finds_the_allocator_limit(start: int) -> None:
     fits, calls = fake_allocator(fixed=1000, per_sample=37, limit=5000)  # 1000 + 37·108 = 4996 ≤ 5000 < 5033
-    res = gpu.largest_batch(fits, start)
+    res = memory.largest_batch(fits, start)
     assert (res.largest, res.failing, res.capped) == (108, 109, False)
     assert [b for b, _ in res.trials] == calls and len(calls) == len(set(calls))
     assert all(ok == (b <= 108) for b, ok in res.trials)
@@ -165,20 +166,20 @@ def test_largest_batch_finds_the_allocator_limit(start: int) -> None:
 
 def test_largest_batch_doubles_then_bisects() -> None:
     fits, calls = fake_allocator(fixed=0, per_sample=1, limit=100)
-    gpu.largest_batch(fits, 1)
+    memory.largest_batch(fits, 1)
     assert calls[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until the first failure
     assert calls[8:] == [96, 112, 104, 100, 102, 101]  # then bisection of [64, 128)
 
 
 def test_largest_batch_edges_and_tolerance() -> None:
     fits, calls = fake_allocator(fixed=0, per_sample=1, limit=10**9)
-    res = gpu.largest_batch(fits, 3, max_batch=50)
+    res = memory.largest_batch(fits, 3, max_batch=50)
     assert (res.largest, res.failing, calls) == (50, None, [3, 6, 12, 24, 48, 50])
     nothing, _ = fake_allocator(fixed=10, per_sample=1, limit=5)
-    res = gpu.largest_batch(nothing, 8)
+    res = memory.largest_batch(nothing, 8)
     assert (res.largest, res.failing) == (0, 1)
     fits, _ = fake_allocator(fixed=0, per_sample=1, limit=1000)
-    res = gpu.largest_batch(fits, 1, tolerance=0.05)
+    res = memory.largest_batch(fits, 1, tolerance=0.05)
     assert res.largest <= 1000 < res.failing and res.failing - res.largest <= 0.05 * res.largest
 
 
@@ -190,12 +191,12 @@ def test_largest_batch_stops_at_the_deadline_with_an_open_bracket() -> None:
         clock.t += 1.0  # every trial takes a second
         return fits(batch)
 
-    res = gpu.largest_batch(timed, 1, deadline=3.5, clock=lambda: clock.t)
+    res = memory.largest_batch(timed, 1, deadline=3.5, clock=lambda: clock.t)
     assert res.capped and calls == [1, 2, 4, 8]
     assert (res.largest, res.failing) == (8, None)
     # a trial the cost estimate says would end after the deadline is not begun
     fits, calls = fake_allocator(fixed=0, per_sample=1, limit=100)
-    res = gpu.largest_batch(fits, 10, deadline=15.0, cost=lambda b: float(b), clock=lambda: 0.0)
+    res = memory.largest_batch(fits, 10, deadline=15.0, cost=lambda b: float(b), clock=lambda: 0.0)
     assert res.capped and calls == [10] and res.largest == 10
 
 
@@ -217,6 +218,6 @@ def test_a_cuda_out_of_memory_step_is_a_batch_that_does_not_fit() -> None:
     setup = gpu.make_setup(gpu.parse_args(["--tiny", "--device", "cpu"]))
     bench = gpu.Bench(setup, gpu.Budget(60.0))
     model = OneLinear()
-    probe = gpu.StepProbe(bench, model)
+    probe = memory.StepProbe(bench, model)
     assert isinstance(probe(2), int) and probe.seconds_per_sample > 0
     assert probe(3) is None and model.w.grad is None

@@ -1,0 +1,1 @@
+"""The parts of ``benchmarks/gpu.py`` (the one prepared GPU script), one module per concern."""
