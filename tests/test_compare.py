@@ -183,3 +183,30 @@ def test_base_row_needs_one_base_model(tmp_path, capsys):
     )
     assert main(["compare", str(lora), str(other), "--base", "--out", str(tmp_path / "c")]) == 2
     assert "--base needs one base model" in capsys.readouterr().err
+
+
+def test_recipe_variants_are_rows_of_their_own(tmp_path):
+    """``a.yaml@key=value``: the recipe with that override, a row named ``a@key=value``. Oracle: the run's
+    resolved config holds the variant's value (and the shared override), the plain recipe's does not, and
+    an item with ``=`` that is not a YAML file stays an override."""
+    from metalora.compare.study import is_recipe, recipe_name, recipe_parts
+
+    lora, _ = _recipes(tmp_path)
+    variant = f"{lora}@multitask.batch_size=4@train.lr=0.003"
+    assert recipe_parts(variant) == (str(lora), ["multitask.batch_size=4", "train.lr=0.003"])
+    assert recipe_name(variant) == "lora@multitask.batch_size=4@train.lr=0.003"
+    assert is_recipe(variant) and is_recipe(str(lora)) and not is_recipe("train.max_steps=1")
+    with pytest.raises(ValueError, match="expected key=value"):
+        recipe_parts(f"{lora}@nonsense")
+    out = tmp_path / "cmp"
+    argv = ["compare", str(lora), variant, "--seeds", "0", "--out", str(out), "--limit", "4"]
+    assert main([*argv, "--reference", "lora", "--resamples", "100", "train.max_steps=1"]) == 0
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    assert set(summary["recipes"]) == {"lora", "lora@multitask.batch_size=4@train.lr=0.003"}
+    plain = yaml.safe_load((out / "runs" / "lora-s0" / "config.yaml").read_text())
+    varied = yaml.safe_load(
+        (out / "runs" / "lora@multitask.batch_size=4@train.lr=0.003-s0" / "config.yaml").read_text()
+    )
+    assert (varied["multitask"]["batch_size"], varied["train"]["lr"]) == (4, 0.003)
+    assert (plain["multitask"]["batch_size"], plain["train"]["lr"]) == (8, 1e-2)
+    assert varied["train"]["max_steps"] == plain["train"]["max_steps"] == 1

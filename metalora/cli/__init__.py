@@ -169,11 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         "with a 95%% Student-t interval, and against --reference a paired bootstrap over the test items. "
         "key=value overrides apply to every recipe.",
     )
-    p.add_argument("items", nargs="+", metavar="RECIPE|key=value", help="recipe YAML files, then overrides")
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="RECIPE|key=value",
+        help="recipe YAML files (a variant: RECIPE.yaml@key=value[@key=value], a row of its own), then overrides",
+    )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
     p.add_argument("--tasks", default=None, help="tasks to score, as for eval (default: each recipe's own)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    p.add_argument("--reference", default=None, help="the recipe (file stem) the others are tested against")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="the recipe (file stem, or stem@key=value) the others are tested against",
+    )
     p.add_argument("--base", action="store_true", help="also score the untrained base model (recipe 'base')")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (default 1)")
     p.add_argument("--lr-grid", default=None, help="comma-separated rates; each recipe's best on dev is used")

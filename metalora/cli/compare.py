@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from metalora.compare import Study, compare
+from metalora.compare.study import is_recipe
 from metalora.compare.summary import markdown
 
 
 def run(args: argparse.Namespace) -> None:
-    recipes = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
+    recipes = [item for item in args.items if is_recipe(item)]
+    overrides = [item for item in args.items if not is_recipe(item)]
     if not recipes:
         raise ValueError("give at least one recipe (a YAML file), e.g. metalora compare configs/lora_mt.yaml")
     study = Study(

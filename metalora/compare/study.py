@@ -10,6 +10,10 @@ interrupted midway resumes from its checkpoint, so ``metalora compare`` can be s
 ``--lr-grid``: before the seeds, each recipe is trained once per rate (seed of the first run) and
 scored on the *dev* split; the best macro-average primary metric picks the rate (``DIR/tune/``).
 
+A recipe may carry its own overrides after ``@``: ``configs/meta_lora.yaml@meta.inner_steps=2`` is the recipe
+with that key changed, a row of its own named ``meta_lora@meta.inner_steps=2`` (several: ``a.yaml@k=v@k2=v2``),
+so a sweep (the MeTA-LoRA paper's k and |S|/|Q| tables) is one ``metalora compare`` with a recipe per value.
+
 ``--base``: the untrained base model is scored once on the same items (``DIR/results/base.json``, recipe
 ``base``, no trainable parameters), so the tables answer "does it beat the model I started from?" too.
 """
@@ -75,8 +79,28 @@ class Study:
             raise ValueError(f"--jobs {self.jobs}: expected 1 or more")
 
 
+VARIANT = "@"
+"""Separates a recipe file from the overrides of its variant (``a.yaml@meta.inner_steps=2``)."""
+
+
+def recipe_parts(recipe: str) -> tuple[str, list[str]]:
+    """(the recipe file, the variant's overrides) of a recipe argument."""
+    path, *variant = recipe.split(VARIANT)
+    bad = [v for v in variant if "=" not in v]
+    if bad:
+        raise ValueError(f"recipe {recipe!r}: after {VARIANT!r} expected key=value overrides, got {bad}")
+    return path, variant
+
+
 def recipe_name(recipe: str) -> str:
-    return Path(recipe).stem
+    """The row name: the file's stem, with its variant's overrides (``meta_lora@meta.inner_steps=2``)."""
+    path, variant = recipe_parts(recipe)
+    return VARIANT.join([Path(path).stem, *variant])
+
+
+def is_recipe(item: str) -> bool:
+    """A command-line item that names a recipe (a YAML file, maybe with a variant), not an override."""
+    return "=" not in item or recipe_parts(item)[0].endswith((".yaml", ".yml"))
 
 
 def seed_overrides(config: RunConfig, seed: int) -> list[str]:
@@ -90,6 +114,7 @@ class Job:
     """One training run and its scoring."""
 
     recipe: str
+    """The recipe file (a variant's overrides are in ``overrides``)."""
     seed: int
     overrides: list[str]
     run_dir: Path
@@ -98,23 +123,29 @@ class Job:
     settings: EvalSettings
     base: bool = False
     """Score the recipe's base model untrained (no run directory, no training)."""
+    name: str = ""
+    """The row the result belongs to (``recipe_name``)."""
 
 
 def make_job(study: Study, recipe: str, seed: int, extra: list[str], where: str, split: str) -> Job:
     name = f"{recipe_name(recipe)}-s{seed}" + (
         "" if where == "runs" else "-" + "-".join(extra).replace("=", "")
     )
-    base = RunConfig.from_yaml(recipe, study.overrides)
-    overrides = [*study.overrides, *extra, *seed_overrides(base, seed)]
+    path, variant = recipe_parts(recipe)
+    base = RunConfig.from_yaml(path, [*study.overrides, *variant])
+    overrides = [*study.overrides, *variant, *extra, *seed_overrides(base, seed)]
     overrides += [f"output_dir={study.out / where}", f"name={name}"]
     settings = EvalSettings(split=split, shots=study.shots, limit=study.limit, progress=False, per_item=True)
     result = study.out / ("results" if where == "runs" else where) / f"{name}.json"
-    return Job(recipe, seed, overrides, study.out / where / name, result, study.tasks, settings)
+    run_dir = study.out / where / name
+    return Job(path, seed, overrides, run_dir, result, study.tasks, settings, name=recipe_name(recipe))
 
 
 def base_job(study: Study) -> Job:
     """The untrained base model of the recipes, scored like every run (``--base``)."""
-    configs = [RunConfig.from_yaml(r, study.overrides) for r in study.recipes]
+    configs = [
+        RunConfig.from_yaml(path, [*study.overrides, *v]) for path, v in map(recipe_parts, study.recipes)
+    ]
     models = {(c.model, c.data.seed, json.dumps(c.data.tasks, sort_keys=True)) for c in configs}
     if len(models) != 1:
         raise ValueError(
@@ -123,7 +154,9 @@ def base_job(study: Study) -> Job:
         )
     job = make_job(study, study.recipes[0], 0, [], "runs", study.split)
     result = study.out / "results" / f"{BASE}.json"
-    return Job(job.recipe, 0, job.overrides, job.run_dir, result, study.tasks, job.settings, base=True)
+    return Job(
+        job.recipe, 0, job.overrides, job.run_dir, result, study.tasks, job.settings, base=True, name=BASE
+    )
 
 
 def _stored(job: Job) -> dict[str, Any] | None:
@@ -173,7 +206,7 @@ def run_job(job: Job) -> dict[str, Any]:
     tasks, _ = eval_tasks_for(run_dir.root, job.tasks, config.data.seed)
     scores, _ = evaluate_adapted(run_dir.root, tasks, job.settings)
     result = {
-        "recipe": recipe_name(job.recipe),
+        "recipe": job.name,
         "seed": job.seed,
         "overrides": job.overrides,
         "lr": config.train.lr,
