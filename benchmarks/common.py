@@ -147,3 +147,16 @@ def run_in_fresh_process(module: str, function: str, *args: Any, env: dict[str, 
         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_or_print(
+    markdown_only: bool,
+    store: Path,
+    measure: Callable[[], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """A benchmark's ``main``: unless ``--markdown``, measure and store the JSON; then print the docs table,
+    always from the stored JSON (so the docs show what the file holds, never a number typed by hand)."""
+    if not markdown_only:
+        store.write_text(json.dumps(measure(), indent=2) + "\n")
+    print(markdown(json.loads(store.read_text())))

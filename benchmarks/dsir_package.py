@@ -27,7 +27,7 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table  # noqa: E402
+from common import RESULTS, machine, markdown_table, measure_or_print  # noqa: E402
 
 from metalora.data import load_task  # noqa: E402
 from metalora.select.dsir import dsir_log_importance  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000, help="MedMCQA candidates")
     p.add_argument("--markdown", action="store_true", help="print the docs table from the stored JSON")
     args = p.parse_args()
-    if not args.markdown:
-        STORE.write_text(json.dumps(measure(args.n), indent=2) + "\n")
-    print(markdown(json.loads(STORE.read_text())))
+    measure_or_print(args.markdown, STORE, lambda: measure(args.n), markdown)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ length-grouped batches against one batch of 8 (the same samples for the first tw
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table  # noqa: E402
+from common import RESULTS, machine, markdown_table, measure_or_print  # noqa: E402
 
 from metalora.adapters.api import add_adapter, config_from_dict  # noqa: E402
 from metalora.data import build_pools, collate, load_tasks, task_id_map, tokenize_examples  # noqa: E402
@@ -140,9 +139,7 @@ def main() -> None:
     p.add_argument("--time-steps", type=int, default=6, help="0: count tokens only (no model)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    if not args.markdown:
-        STORE.write_text(json.dumps(measure(args.time_steps, args.repeats), indent=2) + "\n")
-    print(markdown(json.loads(STORE.read_text())))
+    measure_or_print(args.markdown, STORE, lambda: measure(args.time_steps, args.repeats), markdown)
 
 
 if __name__ == "__main__":

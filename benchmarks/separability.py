@@ -15,7 +15,6 @@ from the vector, beside the majority-class rate; the same vectors go through t-S
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table  # noqa: E402
+from common import RESULTS, machine, markdown_table, measure_or_print  # noqa: E402
 
 from metalora.adapters import is_task_routed, task_ids  # noqa: E402
 from metalora.data import load_task  # noqa: E402
@@ -131,10 +130,8 @@ def main() -> None:
     p.add_argument("--per-task", type=int, default=50)
     p.add_argument("--markdown", action="store_true", help="print the docs table from the stored JSON")
     args = p.parse_args()
-    if not args.markdown:
-        targets = dict(t.split("=", 1) for t in args.targets)
-        STORE.write_text(json.dumps(measure(targets, args.per_task), indent=2) + "\n")
-    print(markdown(json.loads(STORE.read_text())))
+    targets = dict(t.split("=", 1) for t in args.targets)
+    measure_or_print(args.markdown, STORE, lambda: measure(targets, args.per_task), markdown)
 
 
 if __name__ == "__main__":
