@@ -22,7 +22,8 @@ batches: sample i has task i mod 4); variants share the frozen base tensors (one
 (c) ``c_reweight_memory``: peak memory of one META-LoRA reweighting step (``Reweighting``: validation pass,
     training pass, Eq. 8, the fused update; validation batch = training batch, the published code's) over
     one plain LoRA step (mean of per-sample losses) on the same model and batch; the paper's Table 3 says
-    +2–4%.
+    +2–4%. Twice: at the run's batch and r=16 on q,k,v,o, and at the paper's Table 3 setting (batch 4 + 4
+    validation, r=32 on attention and MLP; ``paper_setting``).
 (d) ``d_meta``: one MeTA-LoRA iteration (``meta_step`` + the engine's outer AdamW step; n=2, k=3,
     |S|=|Q|=8) over the raw forward+backward passes of the same samples (as ``benchmarks/meta.py`` (a)).
 (e) ``e_throughput``: tokens/s of a LoRA-MT step on the engine (``multitask_step`` + ``outer_step``)

@@ -73,7 +73,11 @@ def test_train_steps_and_reweighting_have_time_and_memory(tiny_results: dict) ->
     a, c = tiny_results["sections"]["a_train_step"], tiny_results["sections"]["c_reweight_memory"]
     assert [row["adapter"] for row in a["rows"]] == base.TRAIN_VARIANTS
     assert [row["step"] for row in c["rows"]] == ["lora", "reweight"]
-    for row in a["rows"] + c["rows"]:
+    paper = c["paper_setting"]  # the META paper's Table 3 setting beside ours
+    assert (paper["batch"], paper["val_batch"], paper["r"]) == (4, 4, 32)
+    assert paper["targets"] == [*base.QKVO, "gate_proj", "up_proj", "down_proj"]
+    assert [row["step"] for row in paper["rows"]] == ["lora", "reweight"]
+    for row in a["rows"] + c["rows"] + paper["rows"]:
         for field in (
             "step_s",
             "time_ratio",

@@ -24,6 +24,7 @@ from metalora.adapters.api import config_from_dict
 
 SCHEMA = 1
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ATTENTION_AND_MLP = [*QKVO, "gate_proj", "up_proj", "down_proj"]
 NUM_TASKS = 4
 H200_BF16_DENSE_TFLOPS = 989.0
 SHAPES: dict[str, dict[str, int]] = {
@@ -280,10 +281,11 @@ def nudge_adapter(model: nn.Module, scale: float = 1e-3) -> None:
                 p.add_(torch.randn(p.shape, generator=gen).to(p) * scale)
 
 
-def adapted(bench: Bench, name: str) -> nn.Module:
+def adapted(bench: Bench, name: str, r: int | None = None, targets: list[str] = QKVO) -> nn.Module:
     """A variant on a copy of the shared base: ``peft_lora`` (``peft.get_peft_model``), ``merged_lora``
-    (metalora LoRA merged into its own copy of q,k,v,o: a plain HF model), or an ``ADAPTERS`` entry."""
-    r = bench.setup.r
+    (metalora LoRA merged into its own copy of q,k,v,o: a plain HF model), or an ``ADAPTERS`` entry; rank
+    ``r`` (default the setup's) on ``targets`` (default q,k,v,o; not for the two PEFT-side variants)."""
+    r = r or bench.setup.r
     if name == "peft_lora":
         model = share_base(bench.base())
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=QKVO))
@@ -292,8 +294,9 @@ def adapted(bench: Bench, name: str) -> nn.Module:
     merged = name == "merged_lora"
     model = share_base(bench.base(), tuple(QKVO) if merged else ())
     kind, extra = ADAPTERS["lora" if merged else name]
+    modules = QKVO if merged else targets
     ml.add_adapter(
-        model, config_from_dict(kind, {"r": r, "alpha": 2 * r, "target_modules": QKVO, **extra}), seed=0
+        model, config_from_dict(kind, {"r": r, "alpha": 2 * r, "target_modules": modules, **extra}), seed=0
     )
     nudge_adapter(model)
     if merged:

@@ -63,10 +63,17 @@ def table_b(e: dict[str, Any]) -> str:
 
 def table_c(e: dict[str, Any]) -> str:
     title = (
-        f"(c) reweighting ({e['scheme']}, batch {e['batch']} + {e['val_batch']} validation, {e['seq']} tokens)"
-        f"; paper {e['paper_table3']}, goal ≤ {e['goal']}; memory: {e['memory_kind']}"
+        f"(c) reweighting ({e['scheme']}, batch {e['batch']} + {e['val_batch']} validation, {e['seq']} tokens, "
+        f"r {e.get('r', 16)} on q,k,v,o); paper {e['paper_table3']}, goal ≤ {e['goal']}; memory: {e['memory_kind']}"
     )
-    return title + "\n\n" + ratio_table(e, "step", "LoRA")
+    text = title + "\n\n" + ratio_table(e, "step", "LoRA")
+    paper = e.get("paper_setting")
+    if paper:
+        text += (
+            f"\n\nthe paper's Table 3 setting: batch {paper['batch']} + {paper['val_batch']} validation, r "
+            f"{paper['r']} on attention and MLP ({paper['scheme']})\n\n" + ratio_table(paper, "step", "LoRA")
+        )
+    return text
 
 
 def table_d(e: dict[str, Any]) -> str:
