@@ -53,11 +53,12 @@ def model_name() -> str:
     return os.environ.get(MODEL_ENV, DEFAULT_MODEL)
 
 
-def load_model(seed: int = 0):
-    """(model with LoRA r=16 on q,k,v,o, tokenizer), the adapter initialised after ``manual_seed(seed)``."""
+def load_model(seed: int = 0, r: int = R, targets: tuple[str, ...] = tuple(DEFAULT_ATTENTION_TARGETS)):
+    """(model with LoRA r (16) on ``targets`` (q,k,v,o), tokenizer), the adapter initialised after
+    ``manual_seed(seed)``."""
     torch.manual_seed(seed)
     model, tok = load_base(model_name())
-    ml.add_adapter(model, ml.LoRAConfig(r=R, alpha=2 * R, target_modules=list(DEFAULT_ATTENTION_TARGETS)))
+    ml.add_adapter(model, ml.LoRAConfig(r=r, alpha=2 * r, target_modules=list(targets)))
     return model, tok
 
 
@@ -75,10 +76,13 @@ def features(tok, examples, task_to_id=None, max_length: int = MAX_LEN):
     return feats
 
 
-def real_batches(tok, n_train: int = TRAIN_BATCH, n_val: int = VAL_BATCH):
+def real_batches(tok, n_train: int = TRAIN_BATCH, n_val: int = VAL_BATCH, max_length: int = MAX_LEN):
     """The first SciQ training and dev examples, tokenized: the batches of (a) and (b)."""
     task = load_task("sciq")
-    return features(tok, task.train[:n_train]), features(tok, task.dev[:n_val])
+    return (
+        features(tok, task.train[:n_train], max_length=max_length),
+        features(tok, task.dev[:n_val], max_length=max_length),
+    )
 
 
 def plain_steps(model, opt: torch.optim.Optimizer, batches, pad: int) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table  # noqa: E402
+from common import RESULTS, machine, markdown_table, measure_or_print  # noqa: E402
 from padding import COMMONSENSE  # noqa: E402
 
 from metalora.adapters.api import add_adapter, config_from_dict  # noqa: E402
@@ -174,9 +173,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
-    if not args.markdown:
-        STORE.write_text(json.dumps(measure(args.steps, args.repeats), indent=2) + "\n")
-    print(markdown(json.loads(STORE.read_text())))
+    measure_or_print(args.markdown, STORE, lambda: measure(args.steps, args.repeats), markdown)
 
 
 if __name__ == "__main__":

@@ -292,9 +292,11 @@ class PerSampleLoRAGrads:
                 h.remove()
 
     def weighted(self, w: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Σ_i w_i ∇ℓ_i for every adapter tensor (zeros for a tensor the backward never reached)."""
+        """Σ_i w_i ∇ℓ_i for every adapter tensor (zeros for a tensor the backward never reached). The
+        per-sample gradients (B × the adapter's size) are released here, so none is held between steps."""
+        grads, self.grads = self.grads, {}
         out = {}
         for name, p in params.items():
-            g = self.grads.get(name)
+            g = grads.pop(name, None)
             out[name] = torch.zeros_like(p) if g is None else torch.einsum("b,b...->...", w.to(g), g)
         return out
