@@ -248,3 +248,30 @@ def test_bad_mc_answer():
         parse_answer("Z", ["a", "b", "c"], "here")
     with pytest.raises(MetaloraDataError, match="out of range"):
         Example("p", "r", "t", "t/0", options=["a"], answer=1)
+
+
+def test_train_from_test_moves_the_same_items_whatever_the_seed(tmp_path):
+    """``train_from_test``: k test items move to train, chosen by the task name alone (every run scores the
+    same rest), disjoint from the scored items, and together with them exactly the original test split."""
+    import json as _json
+
+    from metalora.data import load_task
+    from metalora.data.errors import MetaloraDataError
+
+    rows = [{"id": str(i), "prompt": f"q{i}", "response": f"a{i}"} for i in range(40)]
+    file = tmp_path / "t.jsonl"
+    file.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    spec = {"name": "t", "path": {"test": str(file)}, "id_field": "id"}
+    plain = load_task(spec, seed=0)
+    assert (len(plain.train), len(plain.test)) == (0, 40)
+    moved = [load_task({**spec, "train_from_test": 5}, seed=s) for s in (0, 7)]
+    assert [e.id for e in moved[0].train] == [e.id for e in moved[1].train] and len(moved[0].train) == 5
+    kept = [e.id for e in moved[0].test]
+    assert not set(kept) & {e.id for e in moved[0].train}
+    assert sorted(kept + [e.id for e in moved[0].train]) == sorted(e.id for e in plain.test)
+    assert kept == [e.id for e in plain.test if e.id in set(kept)]  # the rest keeps its order
+    assert "5 test items moved to train" in moved[0].meta["split_rule"]
+    with pytest.raises(MetaloraDataError, match="would leave no test item"):
+        load_task({**spec, "train_from_test": 40})
+    with pytest.raises(MetaloraDataError, match="non-negative integer"):
+        load_task({**spec, "train_from_test": -1})

@@ -92,6 +92,10 @@ class TaskSpec:
     """Keep a source's own splits where it has them (MMLU: validation->train, dev->dev, test->test)."""
     license: str | None = None
     """License of a user source, recorded in ``Task.meta``."""
+    train_from_test: int = 0
+    """Move this many test items to train, the same ones whatever the run's seed (a permutation seeded by the
+    task name alone): labelled examples of an evaluation-only task (BBH) to fit on, e.g. LoRAHub's 5, which
+    are then never scored. Every run given the same spec scores the same remaining test items."""
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
@@ -106,6 +110,10 @@ class TaskSpec:
         if self.mc_response not in MC_RESPONSES:
             raise MetaloraDataError(
                 f"task {self.name!r}: unknown mc_response {self.mc_response!r}; choose one of {list(MC_RESPONSES)}"
+            )
+        if not (isinstance(self.train_from_test, int) and self.train_from_test >= 0):
+            raise MetaloraDataError(
+                f"task {self.name!r}: train_from_test={self.train_from_test!r}: expected a non-negative integer"
             )
         if self.file_format is not None and self.file_format not in FILE_FORMATS:
             raise MetaloraDataError(
@@ -170,6 +178,25 @@ def split_examples(
     test = [examples[i] for i in perm[n_dev : n_dev + n_test]]
     train = [examples[i] for i in perm[n_dev + n_test :]]
     return train, dev, test
+
+
+HOLDOUT_STREAM = 0x484F4C44
+"""Second word of ``_train_from_test``'s seed, so its draw is not ``split_examples``' permutation."""
+
+
+def _train_from_test(
+    spec: TaskSpec, train: list[Example], test: list[Example]
+) -> tuple[list[Example], list[Example]]:
+    """``spec.train_from_test`` test items (a permutation seeded by the task name only) appended to train;
+    the rest of test in its order."""
+    k = spec.train_from_test
+    if k >= len(test):
+        raise MetaloraDataError(
+            f"task {spec.name!r}: train_from_test={k} would leave no test item (its test split has {len(test)})"
+        )
+    order = np.random.default_rng([zlib.crc32(spec.name.encode()), HOLDOUT_STREAM]).permutation(len(test))
+    moved = set(order[:k].tolist())
+    return train + [test[i] for i in sorted(moved)], [ex for i, ex in enumerate(test) if i not in moved]
 
 
 def _rename(examples: list[Example], name: str) -> list[Example]:
@@ -260,6 +287,9 @@ def load_task(spec: TaskSpec | Mapping[str, Any] | str, seed: int = 0) -> Task:
         pooled = [ex for exs in native.values() for ex in exs]
         train, dev, test = split_examples(pooled, seed, spec.name, spec.split)
         meta["split_rule"] = f"seeded split, fractions (train, dev, test) = {spec.split}"
+    if spec.train_from_test:
+        train, test = _train_from_test(spec, list(train), list(test))
+        meta["split_rule"] += f"; {spec.train_from_test} test items moved to train (seeded by the task name)"
     all_examples = train + dev + test
     if not all_examples:
         raise MetaloraDataError(f"task {spec.name!r} is empty: its source has no examples")
