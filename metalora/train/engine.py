@@ -228,9 +228,8 @@ class Engine:
             sharding.shard_model(model, self.sharding.reshard_after_forward)
         several = dist_utils.world_size() > 1
         self.zero_stage = ZERO_STAGES.get(self.sharding.mode) if several else None
-        self.zero: Zero | None = (
-            None  # DeepSpeed wraps the model when training starts (after a resume's load)
-        )
+        # DeepSpeed wraps the model when training starts, after a resume has loaded the adapter
+        self.zero: Zero | None = None
         self.params: dict[str, nn.Parameter] = adapter_parameters(model)
         self.routed = is_task_routed(model)
         self.optimizer = torch.optim.AdamW(
