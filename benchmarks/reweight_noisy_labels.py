@@ -10,6 +10,14 @@ starts both from an adapter trained on clean, disjoint examples.
         --shared-direction remove] [--model gemma3-270m]
 
 The result's key in ``results/reweight.json`` is built from its config (``result_key``), or ``--c-name``.
+
+Issue 16 item 6, the re-run under the corrected defaults (a validation batch of ``--c-val-batch`` drawn per
+step, and ``weights.fallback: skip``: a batch whose every u ≤ 0 takes no step), stored beside the earlier
+rows under their own names (table ``c_sst2_corrected``):
+
+    python benchmarks/reweight.py --parts c --c-task sst2 --mc-style text --steps 20 --lr 2e-4 --c-warm-steps 40
+        --c-epochs 2 --c-val-batch 8 --c-name c_corrected_sst2_paper
+    (the same) --score layer_cosine --val-balance answer --shared-direction remove --c-name c_corrected_sst2_ours
 """
 
 from __future__ import annotations
@@ -224,6 +232,10 @@ SST2_ROWS = [
     ("warm start, {val_batch} per step, both options, `score: layer_cosine` (ours)", "c_noisy_labels_text_layer_cosine_sst2_balanced_unshared_2epochs_val8_warm40"),
     ("the same with all {val_batch} validation samples every step", "c_noisy_labels_text_layer_cosine_sst2_balanced_unshared_2epochs_val32_warm40"),
 ]  # fmt: skip
+CORRECTED_ROWS = [
+    ("the paper's score, {val_batch} validation samples per step", "c_corrected_sst2_paper"),
+    ("our options (`balance: answer`, `shared: remove`, `score: {score}`), {val_batch} per step", "c_corrected_sst2_ours"),
+]  # fmt: skip
 GEMMA_ROWS = [
     ("{seed}", "c_noisy_labels_text_sst2_2epochs_warm40_gemma3_270m"),
     ("{seed}, our options ({val_batch} per step, both directions, `{score}`)", "c_noisy_labels_text_layer_cosine_sst2_balanced_unshared_2epochs_val8_warm40_gemma3_270m"),
@@ -273,6 +285,15 @@ def markdown_tables(stored: Mapping[str, Any]) -> dict[str, str]:
     if all(k in stored for _, k in SST2_ROWS):
         rows = [_seed_table_row(_label(t, stored[k]), stored[k], True) for t, k in SST2_ROWS]
         tables["c_sst2"] = markdown_table(["setting", *head[:2], "warm-start acc (s0 / s1)", *head[2:]], rows)
+    if all(k in stored for _, k in CORRECTED_ROWS):
+        rows = [_seed_table_row(_label(t, stored[k]), stored[k], True) for t, k in CORRECTED_ROWS]
+        header = [
+            "setting (warm start, 2 epochs, fallback: skip)",
+            *head[:2],
+            "warm-start acc (s0 / s1)",
+            *head[2:],
+        ]
+        tables["c_sst2_corrected"] = markdown_table(header, rows)
     if all(k in stored for _, k in GEMMA_ROWS):
         rows = []
         for template, key in GEMMA_ROWS:
