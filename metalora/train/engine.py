@@ -440,19 +440,7 @@ class Engine:
                 seconds = time.perf_counter() - t_step
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    self.logger.log(
-                        {
-                            "step": done,
-                            "loss": out.loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "samples": self.counters.samples,
-                            "tokens": self.counters.tokens,
-                            "samples_per_s": out.samples / max(seconds, 1e-9),
-                            "step_time_s": seconds,
-                            **out.metrics,
-                        }
-                    )
+                    self._log_step(done, out, lr, grad_norm, seconds)
                 progress.update(out.loss, out.samples / max(seconds, 1e-9))
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
                     self.save_checkpoint(done, stateful, extra_state)
@@ -467,6 +455,22 @@ class Engine:
         dist_utils.barrier()
         self.logger.close()
         return self.counters
+
+    def _log_step(self, done: int, out: StepOutput, lr: float, grad_norm: float, seconds: float) -> None:
+        """One ``metrics.jsonl`` record after step ``done``."""
+        self.logger.log(
+            {
+                "step": done,
+                "loss": out.loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples": self.counters.samples,
+                "tokens": self.counters.tokens,
+                "samples_per_s": out.samples / max(seconds, 1e-9),
+                "step_time_s": seconds,
+                **out.metrics,
+            }
+        )
 
     def _refuse_sharding(self, desc: str, shardable: bool, zero: bool) -> None:
         if self.sharded and not shardable:
