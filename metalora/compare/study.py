@@ -24,7 +24,7 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +153,7 @@ def base_job(study: Study) -> Job:
             f"data.seed or data.tasks ({sorted(m[0] for m in models)})"
         )
     job = make_job(study, study.recipes[0], 0, [], "runs", study.split)
-    result = study.out / "results" / f"{BASE}.json"
-    return Job(
-        job.recipe, 0, job.overrides, job.run_dir, result, study.tasks, job.settings, base=True, name=BASE
-    )
+    return replace(job, result=study.out / "results" / f"{BASE}.json", base=True, name=BASE)
 
 
 def _stored(job: Job) -> dict[str, Any] | None:

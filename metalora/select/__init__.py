@@ -24,7 +24,7 @@ from metalora.select.dsir import dsir_log_importance, gumbel_top_k
 from metalora.select.examples import select_examples
 from metalora.select.io import PathLike, read_jsonl, read_texts, write_jsonl
 from metalora.select.mix import mix_counts, mix_rows
-from metalora.select.scoring import METHODS, check_options, score_texts
+from metalora.select.scoring import METHODS, check_k, check_options, score_stats, score_texts
 
 __all__ = [
     "METHODS",
@@ -63,8 +63,7 @@ def select_jsonl(
     check_options(method, k, ratio, options)
     rows, texts = read_texts(candidates_path, text_fields)
     target_rows, target_texts = read_texts(target_path, text_fields)
-    if k is not None and method != "mix" and not 1 <= k <= len(rows):
-        raise ValueError(f"k must be in [1, {len(rows)}] (the number of candidates), got {k}")
+    check_k(method, k, len(rows))
     summary: dict[str, Any] = {
         "method": method,
         "candidates": str(candidates_path),
@@ -93,6 +92,4 @@ def select_jsonl(
     else:
         out = [{**rows[i], "selection_score": float(scores[i])} for i in chosen]
     summary["n_written"] = write_jsonl(out, out_path)
-    summary |= {"score_min": float(scores.min()), "score_mean": float(scores.mean())}
-    summary["score_max"] = float(scores.max())
-    return summary
+    return summary | score_stats(scores)

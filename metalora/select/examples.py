@@ -14,7 +14,7 @@ from typing import Any
 
 from metalora.data.example import Example
 from metalora.select.mix import mix_rows
-from metalora.select.scoring import check_options, score_texts
+from metalora.select.scoring import check_k, check_options, score_stats, score_texts
 
 __all__ = ["example_text", "select_examples"]
 
@@ -38,8 +38,7 @@ def select_examples(
     BM25 / DSIR / classifier need ``k`` (1 ≤ k ≤ len(candidates)); MIX takes ``ratio`` and optionally
     ``k`` (``mix.mix_counts``)."""
     check_options(method, k, ratio, options)
-    if method != "mix" and (k is None or not 1 <= k <= len(candidates)):
-        raise ValueError(f"{method}: k must be in [1, {len(candidates)}] (the number of candidates), got {k}")
+    check_k(method, k, len(candidates), required=True)
     summary: dict[str, Any] = {
         "method": method,
         "n_candidates": len(candidates),
@@ -62,8 +61,7 @@ def select_examples(
         scores, _, order = score_texts(method, texts, target_texts, k, seed, dict(options))
         assert order is not None  # k is set
         chosen = [candidates[i] for i in order]
-        summary |= {"score_min": float(scores.min()), "score_mean": float(scores.mean())}
-        summary["score_max"] = float(scores.max())
+        summary |= score_stats(scores)
     summary["n_chosen"] = len(chosen)
     summary["chosen_ids"] = [e.id for e in chosen]
     return chosen, summary

@@ -12,7 +12,7 @@ from metalora.select.bm25 import bm25_scores
 from metalora.select.classifier import classifier_scores, pareto_keep
 from metalora.select.dsir import dsir_log_importance, gumbel_top_k
 
-__all__ = ["METHODS", "check_options", "score_texts"]
+__all__ = ["METHODS", "check_k", "check_options", "score_stats", "score_texts"]
 
 # method -> the keyword options it accepts (beyond k, ratio, seed, text_fields)
 METHODS: dict[str, tuple[str, ...]] = {
@@ -46,6 +46,24 @@ def check_options(method: str, k: int | None, ratio: float | None, options: dict
         raise ValueError(f"classifier sampling must be 'top_k' or 'pareto', got {options['sampling']!r}")
     if options.get("sampling") == "pareto" and k is not None:
         raise ValueError("classifier sampling='pareto' keeps a random number of rows; do not pass k")
+
+
+def check_k(method: str, k: int | None, n_candidates: int, required: bool = False) -> None:
+    """A size ``k`` in [1, n_candidates] for the scoring methods (``required``: it must be given); MIX sizes
+    itself (``mix.mix_counts``)."""
+    if method == "mix" or (k is None and not required):
+        return
+    if k is None or not 1 <= k <= n_candidates:
+        raise ValueError(f"{method}: k must be in [1, {n_candidates}] (the number of candidates), got {k}")
+
+
+def score_stats(scores: np.ndarray) -> dict[str, float]:
+    """The summary's score statistics: min, mean, max."""
+    return {
+        "score_min": float(scores.min()),
+        "score_mean": float(scores.mean()),
+        "score_max": float(scores.max()),
+    }
 
 
 def score_texts(
