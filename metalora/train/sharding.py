@@ -34,6 +34,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +79,7 @@ def deepspeed_stage(env: Mapping[str, str]) -> int:
     file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if file and file.lower() != "none":
         try:
-            zero = json.loads(open(file, encoding="utf-8").read()).get("zero_optimization", {})
+            zero = json.loads(Path(file).read_text(encoding="utf-8")).get("zero_optimization", {})
         except (OSError, ValueError) as exc:
             raise ShardingError(f"the DeepSpeed config {file} (accelerate) cannot be read: {exc}") from None
         stage = zero.get("stage", stage)
